@@ -1,0 +1,220 @@
+"""The session pool: activation on demand, a KV memory budget, hibernation.
+
+SessionPool is the registry of live session actors (children of the actor
+system, one per agent id). It activates a session on its first message (the
+session restores its cache from disk in on_start), and when resident KV bytes
+would exceed the budget it hibernates idle sessions, least recently used
+first: stopping a session saves its cache, and the next message activates it
+again from disk.
+
+Persistence is the disk side for one model tag: restore, and a coalesced
+write-behind after every turn. Saves are versioned so that an older snapshot
+finishing late on the I/O thread never overwrites a newer one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from actors.cachestore import CacheSnapshot, CacheStore, cache_from_snapshot, snapshot_from_cache
+from actors.messages import RunOnModelThread
+from runtime.supervision import ChildSpec, Restart
+
+log = logging.getLogger("greenroom.pool")
+
+
+class Persistence:
+    def __init__(self, store: CacheStore, model: Any, model_tag: str, io: ThreadPoolExecutor):
+        self.store = store
+        self.model = model  # ActorRef: MLX evaluation happens on the model thread
+        self.model_tag = model_tag
+        self.io = io
+        self._versions = itertools.count(1)
+        self._written: dict[str, int] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._pending: dict[str, asyncio.Future] = {}
+        self.saves = 0
+        self.save_errors = 0
+
+    async def restore(self, agent_id: str):
+        loop = asyncio.get_running_loop()
+        snap = await loop.run_in_executor(self.io, self.store.load, agent_id, self.model_tag)
+        if snap is None:
+            return None
+        cache = await self.model.ask(RunOnModelThread(lambda: cache_from_snapshot(snap)), timeout=60)
+        log.info("restored %s: %d cached tokens", agent_id, len(snap.tokens))
+        return cache, tuple(snap.tokens)
+
+    def _capture(self, cache: list, tokens: tuple[int, ...]):
+        """Freeze what to save now, without MLX ops: arrays made on the model thread
+        must be sliced there. The session may trim (move the offsets of) this cache on
+        its next turn, so the offsets are copied; the arrays themselves never change."""
+        from mlx_lm.models.cache import KVCache
+
+        frozen = []
+        for layer in cache:
+            copy = KVCache()
+            copy.keys, copy.values, copy.offset = layer.keys, layer.values, layer.offset
+            frozen.append(copy)
+        return next(self._versions), frozen, tuple(tokens)
+
+    async def save_now(self, agent_id: str, cache: list, tokens: tuple[int, ...]) -> None:
+        await self._write(agent_id, *self._capture(cache, tokens))
+
+    def save_later(self, session: Any, cache: list, tokens: tuple[int, ...]) -> None:
+        """Write-behind: the write runs off the loop; a newer turn supersedes an older save."""
+        session.spawn(self._write(session.agent_id, *self._capture(cache, tokens)))
+
+    async def _write(self, agent_id: str, version: int, frozen: list, tokens: tuple[int, ...]) -> None:
+        try:
+            snap = await self.model.ask(
+                RunOnModelThread(lambda: snapshot_from_cache(agent_id, self.model_tag, tokens, frozen)),
+                timeout=60,
+            )
+            loop = asyncio.get_running_loop()
+            # Shielded: once handed to the I/O thread the write completes regardless.
+            await asyncio.shield(loop.run_in_executor(self.io, self._write_sync, version, snap))
+        except Exception as exc:
+            self.save_errors += 1
+            log.error("saving cache of %s failed: %s: %s", agent_id, type(exc).__name__, exc)
+
+    def _write_sync(self, version: int, snap: CacheSnapshot) -> None:
+        lock = self._locks.setdefault(snap.agent_id, threading.Lock())
+        with lock:
+            if self._written.get(snap.agent_id, 0) > version:
+                return  # a newer snapshot is already on disk
+            self.store.save(snap)
+            self._written[snap.agent_id] = version
+            self.saves += 1
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    budget_bytes: int
+    resident_bytes: int
+    active: int
+    hibernated: int
+
+    @property
+    def usage(self) -> float:
+        return self.resident_bytes / self.budget_bytes if self.budget_bytes else 0.0
+
+
+class SessionPool:
+    def __init__(
+        self,
+        system: Any,  # ActorSystem
+        *,
+        scheduler: Any,
+        loaded: Any,
+        persistence: Persistence | None,
+        budget_bytes: int,
+        session_factory: Any,
+    ):
+        self.system = system
+        self.scheduler = scheduler
+        self.loaded = loaded
+        self.persistence = persistence
+        self.budget_bytes = budget_bytes
+        self._factory = session_factory  # (agent_id, persistence) -> SessionActor
+        self.sessions: dict[str, Any] = {}  # agent id -> SessionActor (live)
+        self._refs: dict[str, Any] = {}
+        self._activating: dict[str, asyncio.Lock] = {}
+        self._ephemeral = itertools.count(1)
+
+    async def session(self, agent_id: str):
+        """The live session for agent_id, activated (and restored from disk) if needed."""
+        ref = self._refs.get(agent_id)
+        if ref is not None and self.sessions[agent_id].alive:
+            return ref
+        lock = self._activating.setdefault(agent_id, asyncio.Lock())
+        async with lock:
+            ref = self._refs.get(agent_id)
+            if ref is not None and self.sessions[agent_id].alive:
+                return ref
+            await self.make_room()
+            ref = await self._start(agent_id, self.persistence)
+        return ref
+
+    async def ephemeral(self):
+        """A one-turn session that is never persisted; the caller ends it with `release`."""
+        agent_id = f"ephemeral-{next(self._ephemeral)}"
+        return agent_id, await self._start(agent_id, None)
+
+    async def _start(self, agent_id: str, persistence):
+        holder = {}
+
+        def build():
+            holder["actor"] = self._factory(agent_id, persistence)
+            return holder["actor"]
+
+        spec = ChildSpec(f"session:{agent_id}", build, restart=Restart.TEMPORARY, shutdown_timeout=30)
+        ref = await self.system.start_child(spec)
+        self.sessions[agent_id] = holder["actor"]
+        self._refs[agent_id] = ref
+        return ref
+
+    async def release(self, agent_id: str) -> None:
+        if self.sessions.pop(agent_id, None) is not None:
+            self._refs.pop(agent_id, None)
+            await self.system.stop_child(f"session:{agent_id}")
+
+    async def hibernate(self, agent_id: str) -> bool:
+        """Save the session's cache to disk and drop it from memory."""
+        session = self.sessions.get(agent_id)
+        if session is None or self.persistence is None:
+            return False
+        await self.release(agent_id)
+        log.info("hibernated %s", agent_id)
+        return True
+
+    async def make_room(self, extra_bytes: int = 0) -> None:
+        """Hibernate idle sessions, least recently used first, until under budget."""
+        idle = sorted(
+            (s for s in self.sessions.values() if not s.in_turn and s.mailbox_depth == 0),
+            key=lambda s: s.last_used,
+        )
+        for session in idle:
+            if self.resident_bytes() + extra_bytes <= self.budget_bytes:
+                break
+            if session.persistence is not None and session.cache:
+                await self.hibernate(session.agent_id)
+
+    def resident_bytes(self) -> int:
+        return sum(s.cache_nbytes for s in self.sessions.values())
+
+    def stats(self) -> PoolStats:
+        hibernated = 0
+        if self.persistence is not None:
+            live = set(self.sessions)
+            hibernated = sum(
+                1 for a in self.persistence.store.list_agents(self.persistence.model_tag) if a not in live
+            )
+        return PoolStats(self.budget_bytes, self.resident_bytes(), len(self.sessions), hibernated)
+
+    async def save_all(self) -> None:
+        """Stop every session (each saves its cache in on_stop)."""
+        for agent_id in list(self.sessions):
+            await self.release(agent_id)
+
+    def agents(self) -> list[dict]:
+        now = time.time()
+        rows = []
+        for agent_id, s in sorted(self.sessions.items()):
+            rows.append(
+                {
+                    "id": agent_id,
+                    "state": "active" if s.in_turn else "idle",
+                    "cached_tokens": len(s.tokens),
+                    "bytes": s.cache_nbytes,
+                    "idle_seconds": round(now - s.last_used, 1),
+                }
+            )
+        return rows
