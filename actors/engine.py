@@ -61,8 +61,10 @@ class BatchEngine:
     def __len__(self) -> int:
         return len(self._uid_of)
 
-    def step(self, plan: StepPlan) -> StepResult:
+    def step(self, plan: StepPlan, *, fault: bool = False) -> StepResult:
         started = time.perf_counter()
+        if fault:
+            raise RuntimeError("injected fault in the model step")
         ended = self._remove(plan.removes)
         self._insert(plan.inserts)
         tokens: list[tuple[int, int]] = []

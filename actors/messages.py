@@ -180,3 +180,30 @@ class RunOnModelThread:
     """Run fn() on the model thread (MLX work that must not touch the loop)."""
 
     fn: Any = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadModel:
+    """Load `source` next to the current model and switch to it; on any failure the
+    current model keeps serving and the error goes back to the asker (rollback)."""
+
+    source: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Crash:
+    """Told to an actor to make it fail, so its supervisor restarts it (`ctl restart`)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class InjectFault:
+    """Tests only (GREENROOM_ENABLE_FAULTS=1): the model's next step raises inside MLX work."""
+
+
+@dataclass(frozen=True, slots=True)
+class AbortAll:
+    """End every waiting and running turn now (drain deadline, shutdown); caches go back."""
+
+    reason: str

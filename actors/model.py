@@ -15,23 +15,32 @@ from typing import Any, Callable
 
 from actors import loading
 from actors.engine import BatchEngine
-from actors.messages import ExecuteStep, GetModel, RunOnModelThread
+from actors.messages import AbortAll, Crash, ExecuteStep, GetModel, InjectFault, LoadModel, RunOnModelThread
 from runtime.actor import Actor
 
 log = logging.getLogger("greenroom.model")
 
 
+class ModelSlot:
+    """Which model the model actor loads when it (re)starts. The supervisor changes
+    it after a successful swap, so a restart reloads the model being served."""
+
+    def __init__(self, source: str | None):
+        self.source = source
+
+
 class ModelActor(Actor):
     def __init__(
         self,
-        source: str | None,
+        slot: ModelSlot,
         *,
         max_batch: int = 8,
         prefill_chunk: int = 256,
         name: str = "model",
     ):
         super().__init__(name, mailbox_size=64)
-        self.source = source
+        self.slot = slot
+        self._fault_next_step = False
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.loaded: loading.LoadedModel | None = None
@@ -39,10 +48,14 @@ class ModelActor(Actor):
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="greenroom-model")
 
     async def on_start(self) -> None:
-        self.loaded = await self._on_thread(loading.load, self.source)
-        self._engine = await self._on_thread(
-            BatchEngine, self.loaded, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk
-        )
+        self.loaded, self._engine = await self._on_thread(self._load, self.slot.source)
+        self._log_loaded()
+
+    def _load(self, source: str | None):
+        loaded = loading.load(source)
+        return loaded, BatchEngine(loaded, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk)
+
+    def _log_loaded(self) -> None:
         log.info(
             "loaded %s (tag %s, %s) in %.2fs",
             self.loaded.name,
@@ -58,13 +71,43 @@ class ModelActor(Actor):
     async def handle(self, message: Any) -> Any:
         match message:
             case ExecuteStep(plan=plan):
-                return await self._on_thread(self._engine.step, plan)
+                return await self._step(plan)
             case GetModel():
                 return self.loaded
             case RunOnModelThread(fn=fn):
                 return await self._on_thread(fn)
+            case LoadModel(source=source):
+                if len(self._engine):
+                    raise RuntimeError("cannot switch models while sequences are running")
+                # The old model stays referenced until the new one is fully loaded:
+                # any failure leaves it serving.
+                self.loaded, self._engine = await self._on_thread(self._load, source)
+                self._log_loaded()
+                return self.loaded
+            case AbortAll():
+                # A (re)started scheduler does not know the engine's sequences: drop them.
+                return len(await self._on_thread(self._engine.abort_all))
+            case InjectFault():
+                self._fault_next_step = True
+                return None
+            case Crash(reason=reason):
+                raise RuntimeError(f"crash requested: {reason}")
         raise TypeError(f"model actor cannot handle {type(message).__name__}")
+
+    async def _step(self, plan):
+        fault, self._fault_next_step = self._fault_next_step, False
+        try:
+            return await self._on_thread(self._engine.step, plan, fault=fault)
+        except Exception as exc:
+            # A failed step leaves the batch's caches in an unknown state: crash, and
+            # let the supervisor restart us with a fresh engine (the asker sees the error).
+            self.spawn(_reraise(exc))
+            raise
 
     async def _on_thread(self, fn: Callable, *args, **kwargs):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+
+
+async def _reraise(exc: Exception) -> None:
+    raise exc

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,9 @@ from typing import Any
 
 from actors.cachestore import CacheSnapshot, CacheStore, cache_from_snapshot, snapshot_from_cache
 from actors.messages import RunOnModelThread
+from actors.session import SaveNow
 from runtime.supervision import ChildSpec, Restart
+from runtime.errors import ActorError
 
 log = logging.getLogger("greenroom.pool")
 
@@ -65,14 +68,12 @@ class Persistence:
             frozen.append(copy)
         return next(self._versions), frozen, tuple(tokens)
 
-    async def save_now(self, agent_id: str, cache: list, tokens: tuple[int, ...]) -> None:
-        await self._write(agent_id, *self._capture(cache, tokens))
+    async def save_now(self, agent_id: str, cache: list, tokens: tuple[int, ...]) -> bool:
+        """Write this cache now; True once it is on disk (errors are logged, not raised).
+        The state is captured before the first await, so the caller may move on."""
+        return await self._write(agent_id, *self._capture(cache, tokens))
 
-    def save_later(self, session: Any, cache: list, tokens: tuple[int, ...]) -> None:
-        """Write-behind: the write runs off the loop; a newer turn supersedes an older save."""
-        session.spawn(self._write(session.agent_id, *self._capture(cache, tokens)))
-
-    async def _write(self, agent_id: str, version: int, frozen: list, tokens: tuple[int, ...]) -> None:
+    async def _write(self, agent_id: str, version: int, frozen: list, tokens: tuple[int, ...]) -> bool:
         try:
             snap = await self.model.ask(
                 RunOnModelThread(lambda: snapshot_from_cache(agent_id, self.model_tag, tokens, frozen)),
@@ -81,9 +82,18 @@ class Persistence:
             loop = asyncio.get_running_loop()
             # Shielded: once handed to the I/O thread the write completes regardless.
             await asyncio.shield(loop.run_in_executor(self.io, self._write_sync, version, snap))
+            return True
         except Exception as exc:
             self.save_errors += 1
             log.error("saving cache of %s failed: %s: %s", agent_id, type(exc).__name__, exc)
+            return False
+
+    def disk_bytes(self, agent_id: str) -> int:
+        """Size of the agent's saved cache (0 if none); blocking, run it in `io`."""
+        try:
+            return os.stat(self.store.path_for(agent_id, self.model_tag)).st_size
+        except (OSError, ValueError):
+            return 0
 
     def _write_sync(self, version: int, snap: CacheSnapshot) -> None:
         lock = self._locks.setdefault(snap.agent_id, threading.Lock())
@@ -126,26 +136,51 @@ class SessionPool:
         self._factory = session_factory  # (agent_id, persistence) -> SessionActor
         self.sessions: dict[str, Any] = {}  # agent id -> SessionActor (live)
         self._refs: dict[str, Any] = {}
-        self._activating: dict[str, asyncio.Lock] = {}
+        self._activating: dict[str, list] = {}  # agent id -> [lock, callers]
+        self._making_room = asyncio.Lock()
         self._ephemeral = itertools.count(1)
+
+    def set_model(self, loaded: Any, persistence: Persistence | None) -> None:
+        """After a swap (all sessions saved and stopped): new sessions use the new model."""
+        if self.sessions:
+            raise RuntimeError("set_model needs every session stopped first")
+        self.loaded = loaded
+        self.persistence = persistence
 
     async def session(self, agent_id: str):
         """The live session for agent_id, activated (and restored from disk) if needed."""
+        ref = self._live_ref(agent_id)
+        if ref is not None:
+            return ref
+        entry = self._activating.setdefault(agent_id, [asyncio.Lock(), 0])
+        entry[1] += 1  # callers using this lock; the last one removes it
+        try:
+            async with entry[0]:
+                ref = self._live_ref(agent_id)
+                if ref is not None:
+                    return ref
+                # Its saved cache comes back into memory: make room for it first.
+                extra = 0
+                if self.persistence is not None:
+                    loop = asyncio.get_running_loop()
+                    extra = await loop.run_in_executor(self.persistence.io, self.persistence.disk_bytes, agent_id)
+                await self.make_room(extra)
+                return await self._start(agent_id, self.persistence)
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._activating[agent_id]
+
+    def _live_ref(self, agent_id: str):
         ref = self._refs.get(agent_id)
         if ref is not None and self.sessions[agent_id].alive:
             return ref
-        lock = self._activating.setdefault(agent_id, asyncio.Lock())
-        async with lock:
-            ref = self._refs.get(agent_id)
-            if ref is not None and self.sessions[agent_id].alive:
-                return ref
-            await self.make_room()
-            ref = await self._start(agent_id, self.persistence)
-        return ref
+        return None
 
     async def ephemeral(self):
-        """A one-turn session that is never persisted; the caller ends it with `release`."""
-        agent_id = f"ephemeral-{next(self._ephemeral)}"
+        """A one-turn session that is never persisted; the caller ends it with `release`.
+        Its id cannot collide with a client's: '~' is not allowed in agent ids."""
+        agent_id = f"~ephemeral-{next(self._ephemeral)}"
         return agent_id, await self._start(agent_id, None)
 
     async def _start(self, agent_id: str, persistence):
@@ -155,6 +190,9 @@ class SessionPool:
             holder["actor"] = self._factory(agent_id, persistence)
             return holder["actor"]
 
+        # A session that crashed is gone from the supervisor; forget it here too.
+        self.sessions.pop(agent_id, None)
+        self._refs.pop(agent_id, None)
         spec = ChildSpec(f"session:{agent_id}", build, restart=Restart.TEMPORARY, shutdown_timeout=30)
         ref = await self.system.start_child(spec)
         self.sessions[agent_id] = holder["actor"]
@@ -162,33 +200,42 @@ class SessionPool:
         return ref
 
     async def release(self, agent_id: str) -> None:
+        """Stop the session (its on_stop saves the cache); it leaves memory."""
         if self.sessions.pop(agent_id, None) is not None:
             self._refs.pop(agent_id, None)
-            await self.system.stop_child(f"session:{agent_id}")
+            try:
+                await self.system.stop_child(f"session:{agent_id}")
+            except KeyError:
+                pass  # it had crashed: the supervisor already forgot it
 
     async def hibernate(self, agent_id: str) -> bool:
         """Save the session's cache to disk and drop it from memory."""
         session = self.sessions.get(agent_id)
-        if session is None or self.persistence is None:
+        if session is None or self.persistence is None or session.persistence is None:
             return False
+        nbytes, tokens = session.cache_nbytes, len(session.tokens)
         await self.release(agent_id)
-        log.info("hibernated %s", agent_id)
+        log.info("hibernated %s (%d tokens, %d bytes)", agent_id, tokens, nbytes)
         return True
 
     async def make_room(self, extra_bytes: int = 0) -> None:
-        """Hibernate idle sessions, least recently used first, until under budget."""
-        idle = sorted(
-            (s for s in self.sessions.values() if not s.in_turn and s.mailbox_depth == 0),
-            key=lambda s: s.last_used,
-        )
-        for session in idle:
-            if self.resident_bytes() + extra_bytes <= self.budget_bytes:
-                break
-            if session.persistence is not None and session.cache:
-                await self.hibernate(session.agent_id)
+        """Hibernate idle sessions, least recently used first, until the resident KV
+        bytes plus `extra_bytes` fit the budget. Sessions in a turn (or with turns
+        queued) stay; ephemeral sessions have no disk to go to."""
+        async with self._making_room:  # concurrent callers must not both evict for the same need
+            while self.resident_bytes() + extra_bytes > self.budget_bytes:
+                idle = [
+                    s
+                    for s in self.sessions.values()
+                    if s.alive and not s.in_turn and s.mailbox_depth == 0
+                    and s.persistence is not None and s.cache
+                ]
+                if not idle:
+                    return  # nothing more can go; /health reports the overuse
+                await self.hibernate(min(idle, key=lambda s: s.last_used).agent_id)
 
     def resident_bytes(self) -> int:
-        return sum(s.cache_nbytes for s in self.sessions.values())
+        return sum(s.cache_nbytes for s in self.sessions.values() if s.alive)
 
     def stats(self) -> PoolStats:
         hibernated = 0
@@ -200,7 +247,18 @@ class SessionPool:
         return PoolStats(self.budget_bytes, self.resident_bytes(), len(self.sessions), hibernated)
 
     async def save_all(self) -> None:
-        """Stop every session (each saves its cache in on_stop)."""
+        """Save every session's cache, then stop them all (shutdown, model swap).
+
+        The saves run side by side (snapshots on the model thread one after the
+        other, file writes on the I/O threads); stopping a session whose cache is
+        on disk is then quick, and one that did not manage saves in its on_stop."""
+        refs = list(self._refs.values())
+        results = await asyncio.gather(
+            *(ref.ask(SaveNow(), timeout=120) for ref in refs), return_exceptions=True
+        )
+        for ref, result in zip(refs, results):
+            if isinstance(result, BaseException) and not isinstance(result, ActorError):
+                log.error("saving %s failed: %s: %s", ref.name, type(result).__name__, result)
         for agent_id in list(self.sessions):
             await self.release(agent_id)
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.messages import (
+    AbortAll,
     CancelTurn,
+    Crash,
     ExecuteStep,
     SeqInsert,
     SequenceEnded,
@@ -38,6 +40,7 @@ from runtime.metrics import Registry
 
 log = logging.getLogger("greenroom.scheduler")
 
+_MODEL_WAIT_S = 0.1
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -67,6 +70,7 @@ class _Running:
     submitted: float
     first_token_at: float | None = None
     cancel_requested: bool = False
+    abort_reason: str | None = None  # set when the server, not the client, ends the turn
     generated: int = 0
 
 
@@ -125,6 +129,11 @@ class SchedulerActor(Actor):
         self._wakeup = asyncio.Event()
 
     async def on_start(self) -> None:
+        if self.model.actor.alive:
+            # After a scheduler restart the engine may still hold the old batch.
+            dropped = await self.model.ask(AbortAll("scheduler restarted"), timeout=30)
+            if dropped:
+                log.warning("dropped %d sequences of the previous scheduler", dropped)
         self.spawn(self._step_loop())
 
     async def on_stop(self) -> None:
@@ -142,8 +151,12 @@ class SchedulerActor(Actor):
                 self.waiting.append((message, time.perf_counter()))
             case CancelTurn(turn_id=turn_id):
                 self._cancel(turn_id)
+            case AbortAll(reason=reason):
+                self._abort_all(reason)
             case SetAdmission(open=is_open):
                 self.admitting = is_open
+            case Crash(reason=reason):
+                raise RuntimeError(f"crash requested: {reason}")
             case GetSchedulerStats():
                 return SchedulerStats(len(self.running), len(self.waiting), self.admitting, self.steps)
             case _:
@@ -163,6 +176,14 @@ class SchedulerActor(Actor):
                 _end(turn, TurnStatus.FINISHED_ABORTED, turn.cache, turn.cached)
                 return
 
+    def _abort_all(self, reason: str) -> None:
+        while self.waiting:
+            turn, _ = self.waiting.popleft()
+            _end(turn, TurnStatus.FINISHED_ABORTED, turn.cache, turn.cached, reason)
+        for run in self.running.values():
+            run.cancel_requested = True
+            run.abort_reason = reason
+
     # ------------------------------------------------------------ the loop
 
     def _has_work(self) -> bool:
@@ -174,12 +195,17 @@ class SchedulerActor(Actor):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if not self.model.actor.alive:
+                # The model actor is restarting (reloading): waiting turns wait for it.
+                await asyncio.sleep(_MODEL_WAIT_S)
+                continue
             plan = self._plan()
             try:
                 result = await self.model.ask(ExecuteStep(plan), timeout=self.step_timeout)
             except Exception as exc:  # model crashed or timed out: fail the batch, keep serving
                 log.error("model step failed: %s: %s", type(exc).__name__, exc)
                 self._fail_running(f"model failed: {type(exc).__name__}: {exc}")
+                await asyncio.sleep(_MODEL_WAIT_S)
                 continue
             self.steps += 1
             self._route(result)
@@ -218,7 +244,7 @@ class SchedulerActor(Actor):
             run = self.running.pop(end.turn_id, None)
             if run is not None:
                 self.metrics.finished.inc()
-                _end(run.turn, end.status, end.cache, end.tokens)
+                _end(run.turn, end.status, end.cache, end.tokens, run.abort_reason)
         self._update_gauges()
 
     def _fail_running(self, reason: str) -> None:

@@ -16,6 +16,7 @@ import copy
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from actors.messages import (
@@ -81,7 +82,17 @@ class StopMatcher:
         return held
 
 
+@dataclass(frozen=True, slots=True)
+class SaveNow:
+    """Write the cache to disk now unless it is already there (shutdown, swap).
+    Reply: True when the disk holds the session's current cache (or it has none)."""
+
+
 class SessionActor(Actor):
+    # on_stop saves the cache (hibernation, shutdown): a big cache takes a while to
+    # write; the pool's ChildSpec gives the same budget.
+    stop_timeout = 30.0
+
     def __init__(
         self,
         agent_id: str,
@@ -103,20 +114,71 @@ class SessionActor(Actor):
         self.last_used = time.time()
         self.turns = 0
         self.in_turn = False
+        # Tokens of the KV slice lent to the batch during a turn (the session's own
+        # `cache` is None meanwhile): it still occupies memory, so it still counts.
+        self._lent_tokens = 0
+        # Write-behind: the tokens whose cache is known to be on disk, and the one
+        # writer task (a newer turn while it writes is coalesced into its next write).
+        self._saved_tokens: tuple[int, ...] = ()
+        self._dirty = False
+        self._writer: asyncio.Task | None = None
 
     @property
     def cache_nbytes(self) -> int:
+        """KV bytes this session keeps in memory (at rest, or lent to a running turn)."""
+        if self.in_turn and self.cache is None:
+            return self._lent_tokens * self.loaded.kv_bytes_per_token
         return len(self.tokens) * self.loaded.kv_bytes_per_token if self.cache else 0
 
+    @property
+    def saved(self) -> bool:
+        """Whether the disk already holds everything this session's cache holds."""
+        return not self.cache or self.tokens == self._saved_tokens
+
     async def on_start(self) -> None:
-        if self.persistence is not None:
+        await self._restore()
+
+    async def _restore(self) -> None:
+        """Load the last saved cache; on any failure the agent simply starts cold."""
+        if self.persistence is None:
+            return
+        try:
             restored = await self.persistence.restore(self.agent_id)
-            if restored is not None:
-                self.cache, self.tokens = restored
+        except Exception as exc:  # e.g. the model actor is restarting
+            log.warning("could not restore %s, starting cold: %s: %s", self.agent_id, type(exc).__name__, exc)
+            return
+        if restored is not None:
+            self.cache, self.tokens = restored
+            self._saved_tokens = self.tokens
 
     async def on_stop(self) -> None:
-        if self.persistence is not None and self.cache:
-            await self.persistence.save_now(self.agent_id, self.cache, self.tokens)
+        # The write-behind task (if any) was cancelled with the actor; its file write,
+        # once started, completes on the I/O thread. Save what is not on disk yet.
+        await self._save_now()
+
+    async def _save_now(self) -> bool:
+        if self.persistence is None or self.saved:
+            return True
+        cache, tokens = self.cache, self.tokens
+        if await self.persistence.save_now(self.agent_id, cache, tokens):
+            self._saved_tokens = tokens
+            return True
+        return False
+
+    def _save_later(self) -> None:
+        """Write-behind after a turn: off the loop, coalesced, one writer at a time."""
+        if self.persistence is None or self.saved:
+            return
+        self._dirty = True
+        if self._writer is None or self._writer.done():
+            self._writer = self.spawn(self._write_behind())
+
+    async def _write_behind(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            if self.cache is None:
+                return  # lent to a turn: the turn's end schedules the next write
+            await self._save_now()  # captures cache and tokens before its first await
 
     async def handle(self, message: Any) -> Any:
         match message:
@@ -126,7 +188,10 @@ class SessionActor(Actor):
                     await self._turn(message)
                 finally:
                     self.in_turn = False
+                    self._lent_tokens = 0
                     self.last_used = time.time()
+            case SaveNow():
+                return await self._save_now()
             case _:
                 raise TypeError(f"session cannot handle {type(message).__name__}")
 
@@ -162,6 +227,7 @@ class SessionActor(Actor):
                 layer.trim(layer.offset - cached)
         # The slice now belongs to the batch until SequenceEnded gives it back.
         self.cache, self.tokens = None, ()
+        self._lent_tokens = len(prompt)
 
         turn_id = next(_turn_ids)
         submit = SubmitTurn(
@@ -183,10 +249,11 @@ class SessionActor(Actor):
         ended = await self._stream(turn, submit)
         self.cache, self.tokens = ended.cache, ended.tokens
         if not ended.cache:
+            # The batch's copy died with a failed model step: fall back to the last save.
             self.cache, self.tokens = None, ()
+            await self._restore()
         self.turns += 1
-        if self.persistence is not None and self.cache:
-            self.persistence.save_later(self, self.cache, self.tokens)
+        self._save_later()
 
     async def _stream(self, turn: ChatTurn, submit: SubmitTurn) -> SequenceEnded:
         turn_id = submit.turn_id
@@ -202,6 +269,7 @@ class SessionActor(Actor):
             match event:
                 case TokenOut(token=token):
                     generated += 1
+                    self._lent_tokens += 1
                     if stopped_by_string or token in eos:
                         continue
                     detok.add_token(token)
@@ -225,7 +293,8 @@ class SessionActor(Actor):
         cached = len(submit.cached)
         turn.events.put_nowait(
             TurnDone(
-                finish_reason=_FINISH_REASON[status],
+                # Ended by the server (drain deadline, shutdown) rather than the client.
+                finish_reason="abort" if status is TurnStatus.FINISHED_ABORTED and ended.error else _FINISH_REASON[status],
                 prompt_tokens=cached + len(submit.suffix),
                 completion_tokens=generated,
                 cached_tokens=cached,

@@ -9,6 +9,7 @@ goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -21,11 +22,13 @@ import orjson
 from aiohttp import web
 
 from actors.cachestore import CacheStore
-from actors.messages import GetModel
-from actors.model import ModelActor
+from actors.messages import AbortAll, GetModel
+from actors.model import ModelActor, ModelSlot
 from actors.pool import Persistence, SessionPool
-from actors.scheduler import GetSchedulerStats, SchedulerActor
+from actors.scheduler import SchedulerActor
 from actors.session import SessionActor
+from actors.supervisor import Admission, Status, SupervisorActor
+from gateway.control import ControlServer
 from runtime.metrics import Registry
 from runtime.supervision import ChildSpec, Restart, RestartIntensity
 from runtime.system import ActorSystem
@@ -63,6 +66,12 @@ class ServerConfig:
     default_max_tokens: int = 2048
     api_key: str | None = None
     persist: bool = True
+    control_socket: Path | None = None  # default: <cache_dir>/control.sock
+    drain_timeout: float = 30.0  # graceful shutdown: how long running turns may finish
+
+    @property
+    def control_path(self) -> Path:
+        return Path(self.control_socket or Path(self.cache_dir) / "control.sock")
 
 
 @dataclass(slots=True)
@@ -71,34 +80,33 @@ class Server:
 
     config: ServerConfig
     system: ActorSystem
-    loaded: Any  # LoadedModel
     pool: SessionPool
+    admission: Admission
     registry: Registry
+    shutdown_requested: asyncio.Event
     started: float  # monotonic, for uptime
     started_wall: float  # epoch seconds, for `created` fields
 
     @property
-    def scheduler(self):
-        return self.system.ref("scheduler")
+    def loaded(self):
+        """The model being served (changes with a swap)."""
+        return self.pool.loaded
+
+    @property
+    def supervisor(self):
+        return self.system.ref("supervisor")
 
     async def health(self) -> dict:
-        stats = await self.scheduler.ask(GetSchedulerStats(), timeout=2)
-        pool = self.pool.stats()
-        status = "ok" if pool.usage <= 0.9 else "degraded"
+        status = await self.supervisor.ask(Status(), timeout=2)
+        state = status["state"]
         return {
-            "status": status,
-            "model": self.loaded.name,
-            "model_tag": self.loaded.tag,
-            "uptime_s": round(time.monotonic() - self.started, 1),
-            "running": stats.running,
-            "waiting": stats.waiting,
-            "pool": {
-                "budget_bytes": pool.budget_bytes,
-                "resident_bytes": pool.resident_bytes,
-                "usage": round(pool.usage, 4),
-                "active_sessions": pool.active,
-                "hibernated_sessions": pool.hibernated,
-            },
+            "status": "ok" if state == "serving" else state,
+            "model": status["model"],
+            "model_tag": status["model_tag"],
+            "uptime_s": status["uptime_s"],
+            "running": status["running"],
+            "waiting": status["waiting"],
+            "pool": status["pool"],
         }
 
 
@@ -146,7 +154,8 @@ def error_response(status: int, message: str, code: str = "invalid_request_error
 
 async def health(request: web.Request) -> web.Response:
     data = await request.app[SERVER].health()
-    return json_response(data, status=200 if data["status"] == "ok" else 503)
+    # Draining and swapping still accept requests (they wait); degraded is over budget.
+    return json_response(data, status=503 if data["status"] == "degraded" else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -171,10 +180,11 @@ def build_app(config: ServerConfig) -> web.Application:
 
 async def _lifecycle(app: web.Application, config: ServerConfig):
     registry = Registry()
+    slot = ModelSlot(config.model)
     children = [
         ChildSpec(
             "model",
-            lambda: ModelActor(config.model, max_batch=config.max_batch, prefill_chunk=config.prefill_chunk),
+            lambda: ModelActor(slot, max_batch=config.max_batch, prefill_chunk=config.prefill_chunk),
             restart=Restart.PERMANENT,
         ),
         ChildSpec(
@@ -196,7 +206,7 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
             return SessionActor(
                 agent_id,
                 scheduler=system.ref("scheduler"),
-                loaded=loaded,
+                loaded=pool.loaded,
                 persistence=persistence,
                 default_max_tokens=config.default_max_tokens,
             )
@@ -209,8 +219,46 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
             budget_bytes=config.cache_budget_bytes,
             session_factory=make_session,
         )
-        app[SERVER] = Server(config, system, loaded, pool, registry, time.monotonic(), time.time())
-        yield
-        # Sessions save their caches while the model (which evaluates them) still runs.
-        await asyncio.shield(asyncio.wait_for(pool.save_all(), timeout=60))
+        admission = Admission()
+        shutdown = asyncio.Event()
+        started = time.monotonic()
+        await system.start_child(
+            ChildSpec(
+                "supervisor",
+                lambda: SupervisorActor(
+                    system=system,
+                    slot=slot,
+                    pool=pool,
+                    admission=admission,
+                    started=started,
+                    request_shutdown=shutdown.set,
+                    faults_enabled=os.environ.get("GREENROOM_ENABLE_FAULTS") == "1",
+                ),
+                restart=Restart.PERMANENT,
+            )
+        )
+        control = ControlServer(config.control_path, system.ref("supervisor"))
+        await control.start()
+        app[SERVER] = Server(
+            config, system, pool, admission, registry, shutdown, started, time.time()
+        )
+        try:
+            yield
+        finally:
+            await control.close()
+            # Turns still running after the HTTP drain end now, then every session
+            # saves its cache while the model (which evaluates them) still runs.
+            await asyncio.shield(_save_everything(system, admission, pool))
     io.shutdown(wait=True)
+
+
+async def _save_everything(system: ActorSystem, admission: Admission, pool: SessionPool) -> None:
+    admission.open.clear()
+    if not await admission.wait_idle(0.1):
+        with contextlib.suppress(Exception):
+            await system.ref("scheduler").ask(AbortAll("the server is shutting down"), timeout=5)
+        await admission.wait_idle(10)
+    try:
+        await asyncio.wait_for(pool.save_all(), timeout=120)
+    except Exception as exc:
+        log.error("saving caches at shutdown failed: %s: %s", type(exc).__name__, exc)

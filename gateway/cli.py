@@ -42,8 +42,54 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
     serve.add_argument("--no-persist", action="store_true", help="keep KV caches in memory only")
+    serve.add_argument("--control-socket", type=Path, default=None, help="default: CACHE_DIR/control.sock")
+    serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout, help="on shutdown, seconds running turns may finish")
     serve.add_argument("--log-level", default="INFO")
+
+    ctl = sub.add_parser("ctl", help="admin commands over the control socket")
+    ctl.add_argument("--socket", type=Path, default=None, help="default: CACHE_DIR/control.sock")
+    ctl.add_argument("--cache-dir", type=Path, default=defaults.cache_dir)
+    cmds = ctl.add_subparsers(dest="ctl_command", required=True)
+    cmds.add_parser("status", help="model, state, pool usage, running and waiting turns")
+    cmds.add_parser("agents", help="every session: state, cached tokens, bytes, last use")
+    swap = cmds.add_parser("swap", help="switch the served model live ('default' = embedded)")
+    swap.add_argument("model")
+    swap.add_argument("--drain-timeout", type=float, default=30.0)
+    swap.add_argument("--abort", action="store_true", help="end running turns now instead of draining")
+    cmds.add_parser("drain", help="stop admitting new turns (they wait)")
+    cmds.add_parser("resume", help="admit new turns again")
+    evict = cmds.add_parser("evict", help="hibernate one agent's session to disk now")
+    evict.add_argument("agent")
+    restart = cmds.add_parser("restart", help="restart the model actor or the scheduler")
+    restart.add_argument("actor", choices=["model", "scheduler"])
+    fault = cmds.add_parser("fault", help=argparse.SUPPRESS)  # tests: GREENROOM_ENABLE_FAULTS=1
+    fault.add_argument("actor", nargs="?", default="model")
+    cmds.add_parser("shutdown", help="graceful shutdown, as SIGTERM")
     return parser
+
+
+def ctl(args) -> int:
+    import json
+
+    from gateway.control import request
+
+    path = (args.socket or args.cache_dir / "control.sock").expanduser()
+    payload = {
+        "swap": lambda: {"model": args.model, "drain_timeout": args.drain_timeout, "abort": args.abort},
+        "evict": lambda: {"agent": args.agent},
+        "restart": lambda: {"actor": args.actor},
+        "fault": lambda: {"actor": args.actor},
+    }.get(args.ctl_command, dict)()
+    try:
+        response = request(path, args.ctl_command, payload)
+    except OSError as exc:
+        print(f"greenroom ctl: cannot reach {path}: {exc}", file=sys.stderr)
+        return 2
+    if response.get("ok"):
+        print(json.dumps(response.get("result"), indent=2))
+        return 0
+    print(f"greenroom ctl: {response.get('error')}", file=sys.stderr)
+    return 1
 
 
 async def serve(args) -> int:
@@ -61,10 +107,13 @@ async def serve(args) -> int:
         prefill_chunk=args.prefill_chunk,
         api_key=args.api_key,
         persist=not args.no_persist,
+        control_socket=args.control_socket,
+        drain_timeout=args.drain_timeout,
     )
     started = time.perf_counter()
     app = build_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # shutdown_timeout: how long in-flight requests may finish after we stop listening.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.drain_timeout)
     await runner.setup()  # runs cleanup_ctx startup: loads the model
     server = app[SERVER]
     site = web.TCPSite(runner, config.host, config.port)
@@ -74,25 +123,30 @@ async def serve(args) -> int:
         f"(model loaded in {server.loaded.load_seconds:.2f}s, ready in {time.perf_counter() - started:.2f}s)",
         flush=True,
     )
-    stop = asyncio.Event()
+    print(f"control socket: {config.control_path}", flush=True)
+    stop = server.shutdown_requested
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    failed = asyncio.ensure_future(server.system.wait_failed())
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({failed, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-        failed.cancel()
-    if failed.done() and not failed.cancelled():
-        print(f"greenroom: giving up: {failed.result()}", file=sys.stderr, flush=True)
+    failure = await _first_of(server.system.wait_failed(), stop.wait())
+    if isinstance(failure, BaseException):
+        print(f"greenroom: giving up: {failure}", file=sys.stderr, flush=True)
         code = 1
     else:
         print("greenroom: shutting down (saving caches)", flush=True)
         code = 0
     await runner.cleanup()  # stop accepting, then cleanup_ctx: save caches, stop actors
     return code
+
+
+async def _first_of(*coros):
+    """The result of whichever finishes first; the others are cancelled."""
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(c) for c in coros]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+    return next(iter(done)).result()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             runner = asyncio.run
         return runner(serve(args))
+    if args.command == "ctl":
+        return ctl(args)
     return 2
 
 

@@ -187,6 +187,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except BadRequest as exc:
         return error_response(400, str(exc), param=exc.param)
 
+    # During a drain or a model swap new turns wait here; they are not rejected.
+    async with server.admission.turn():
+        return await _run_turn(request, server, chat, agent_id)
+
+
+async def _run_turn(request, server, chat: ChatRequest, agent_id: str | None) -> web.StreamResponse:
     ephemeral = agent_id is None
     if ephemeral:
         agent_id, session = await server.pool.ephemeral()

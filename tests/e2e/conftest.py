@@ -16,8 +16,8 @@ def fresh_server(tmp_path):
     """A server of the test's own, for tests that stop, restart or kill it."""
     servers = []
 
-    def start(*extra, cache_dir=None, port=None):
-        srv = ServerProcess(cache_dir or tmp_path / "cache", *extra, port=port).start()
+    def start(*extra, cache_dir=None, port=None, env=None):
+        srv = ServerProcess(cache_dir or tmp_path / "cache", *extra, port=port, env=env).start()
         servers.append(srv)
         return srv
 

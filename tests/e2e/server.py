@@ -24,10 +24,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, cache_dir: Path, *extra: str, port: int | None = None):
+    def __init__(self, cache_dir: Path, *extra: str, port: int | None = None, env: dict | None = None):
         self.port = port or free_port()
         self.cache_dir = cache_dir
         self.extra = extra
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.log_path = cache_dir / f"server-{self.port}.log"
 
@@ -40,7 +41,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port),
                "--cache-dir", str(self.cache_dir), *self.extra]
         self._log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
