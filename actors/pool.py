@@ -42,7 +42,8 @@ class Persistence:
         self._versions = itertools.count(1)
         self._written: dict[str, int] = {}
         self._locks: dict[str, threading.Lock] = {}
-        self._pending: dict[str, asyncio.Future] = {}
+        # agent id -> (tokens, future) of the file write on the I/O thread right now
+        self._inflight: dict[str, tuple[tuple[int, ...], asyncio.Future]] = {}
         self.saves = 0
         self.save_errors = 0
 
@@ -70,7 +71,17 @@ class Persistence:
 
     async def save_now(self, agent_id: str, cache: list, tokens: tuple[int, ...]) -> bool:
         """Write this cache now; True once it is on disk (errors are logged, not raised).
-        The state is captured before the first await, so the caller may move on."""
+        The state is captured before the first await, so the caller may move on.
+
+        If the very same tokens are being written already (a write-behind whose task
+        was cancelled when its session stopped), that write is awaited instead."""
+        inflight = self._inflight.get(agent_id)
+        if inflight is not None and inflight[0] == tuple(tokens):
+            try:
+                await asyncio.shield(inflight[1])
+                return True
+            except Exception:
+                pass  # it failed: write again below
         return await self._write(agent_id, *self._capture(cache, tokens))
 
     async def _write(self, agent_id: str, version: int, frozen: list, tokens: tuple[int, ...]) -> bool:
@@ -81,7 +92,16 @@ class Persistence:
             )
             loop = asyncio.get_running_loop()
             # Shielded: once handed to the I/O thread the write completes regardless.
-            await asyncio.shield(loop.run_in_executor(self.io, self._write_sync, version, snap))
+            future = loop.run_in_executor(self.io, self._write_sync, version, snap)
+            self._inflight[agent_id] = (tokens, future)
+
+            def forget(f, agent_id=agent_id):
+                current = self._inflight.get(agent_id)
+                if current is not None and current[1] is f:
+                    del self._inflight[agent_id]
+
+            future.add_done_callback(forget)
+            await asyncio.shield(future)
             return True
         except Exception as exc:
             self.save_errors += 1
@@ -221,18 +241,26 @@ class SessionPool:
     async def make_room(self, extra_bytes: int = 0) -> None:
         """Hibernate idle sessions, least recently used first, until the resident KV
         bytes plus `extra_bytes` fit the budget. Sessions in a turn (or with turns
-        queued) stay; ephemeral sessions have no disk to go to."""
+        queued) stay. Without persistence (--no-persist) an idle session's cache is
+        dropped instead: the agent's next turn starts cold."""
         async with self._making_room:  # concurrent callers must not both evict for the same need
             while self.resident_bytes() + extra_bytes > self.budget_bytes:
                 idle = [
                     s
                     for s in self.sessions.values()
-                    if s.alive and not s.in_turn and s.mailbox_depth == 0
-                    and s.persistence is not None and s.cache
+                    if s.alive and not s.in_turn and s.mailbox_depth == 0 and s.cache
                 ]
                 if not idle:
                     return  # nothing more can go; /health reports the overuse
-                await self.hibernate(min(idle, key=lambda s: s.last_used).agent_id)
+                lru = min(idle, key=lambda s: s.last_used)
+                try:
+                    if not await self.hibernate(lru.agent_id):
+                        nbytes = lru.cache_nbytes
+                        await self.release(lru.agent_id)
+                        log.info("dropped the cache of %s (%d bytes; persistence is off)", lru.agent_id, nbytes)
+                except ActorError as exc:  # shutting down
+                    log.warning("could not hibernate %s: %s", lru.agent_id, exc)
+                    return
 
     def resident_bytes(self) -> int:
         return sum(s.cache_nbytes for s in self.sessions.values() if s.alive)
@@ -252,6 +280,7 @@ class SessionPool:
         The saves run side by side (snapshots on the model thread one after the
         other, file writes on the I/O threads); stopping a session whose cache is
         on disk is then quick, and one that did not manage saves in its on_stop."""
+        started = time.perf_counter()
         refs = list(self._refs.values())
         results = await asyncio.gather(
             *(ref.ask(SaveNow(), timeout=120) for ref in refs), return_exceptions=True
@@ -261,6 +290,9 @@ class SessionPool:
                 log.error("saving %s failed: %s: %s", ref.name, type(result).__name__, result)
         for agent_id in list(self.sessions):
             await self.release(agent_id)
+        if refs:
+            saved = sum(1 for r in results if r is True)
+            log.info("saved %d of %d sessions' caches in %.2fs", saved, len(refs), time.perf_counter() - started)
 
     def agents(self) -> list[dict]:
         now = time.time()

@@ -221,10 +221,12 @@ class SessionActor(Actor):
         cached = common_prefix_len(self.tokens, prompt) if self.cache else 0
         if cached == len(prompt):
             cached -= 1  # the model must see at least one token to produce logits
-        cache = self.cache
+        kept, kept_tokens = self.cache, self.tokens
+        cache = kept if cached > 0 else None  # nothing in common: the batch starts a fresh slice
         if cache is not None:
             for layer in cache:
                 layer.trim(layer.offset - cached)
+            kept, kept_tokens = cache, tuple(prompt[:cached])
         # The slice now belongs to the batch until SequenceEnded gives it back.
         self.cache, self.tokens = None, ()
         self._lent_tokens = len(prompt)
@@ -243,7 +245,7 @@ class SessionActor(Actor):
         try:
             self.scheduler.tell(submit)
         except ActorError as exc:
-            self.cache, self.tokens = cache, tuple(prompt[:cached])
+            self.cache, self.tokens = kept, kept_tokens
             turn.events.put_nowait(TurnRejected(503, f"server busy: {exc}", "server_busy"))
             return
         ended = await self._stream(turn, submit)

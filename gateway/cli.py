@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greenroom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API")
-    serve.add_argument("--model", default=None, help="mlx-lm folder, repo id or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--model", default=None, help="mlx-lm folder, repo id or .gguf file ('default': the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--host", default=defaults.host)
     serve.add_argument("--port", type=int, default=defaults.port)
     serve.add_argument("--cache-dir", type=Path, default=defaults.cache_dir)
@@ -98,7 +98,7 @@ async def serve(args) -> int:
     from gateway.app import SERVER, ServerConfig, build_app
 
     config = ServerConfig(
-        model=args.model,
+        model=None if args.model in (None, "default") else args.model,
         host=args.host,
         port=args.port,
         cache_dir=args.cache_dir.expanduser(),
