@@ -13,6 +13,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import mlx.core as mx
+
 from actors import loading
 from actors.engine import BatchEngine
 from actors.messages import AbortAll, Crash, ExecuteStep, GetModel, InjectFault, LoadModel, RunOnModelThread
@@ -65,7 +67,14 @@ class ModelActor(Actor):
         )
 
     async def on_stop(self) -> None:
-        # A step in flight finishes on its own; the thread is not reused after this.
+        # MLX's per-thread streams must be freed on their own thread before it ends:
+        # left to process exit they abort it now and then (mlx#3126, "terminate called
+        # without an active exception"). Queued behind a step in flight, so bounded.
+        try:
+            await asyncio.wait_for(self._on_thread(mx.clear_streams), 5)
+        except Exception as exc:
+            log.warning("could not free the model thread's MLX streams: %s: %s", type(exc).__name__, exc)
+        # The thread is not reused after this.
         self._thread.shutdown(wait=False, cancel_futures=True)
 
     async def handle(self, message: Any) -> Any:

@@ -32,6 +32,31 @@ from runtime.errors import ActorError
 
 log = logging.getLogger("greenroom.pool")
 
+IO_THREADS = 2  # the server's disk I/O executor (cache loads and saves)
+
+
+def close_io(io: ThreadPoolExecutor, workers: int = IO_THREADS) -> None:
+    """Let the pending file writes finish, then stop the I/O threads.
+
+    CacheStore.load/save run MLX on these threads, and MLX keeps per-thread streams
+    that must be freed on their own thread before it ends: left to process exit they
+    abort it now and then ("terminate called without an active exception", mlx#3126).
+    The barrier makes the clean-up land once on every worker. Blocking."""
+    import mlx.core as mx
+
+    barrier = threading.Barrier(workers)
+
+    def clear() -> None:
+        try:
+            barrier.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            pass  # a worker stuck elsewhere: still clear this one
+        mx.clear_streams()
+
+    for future in [io.submit(clear) for _ in range(workers)]:
+        future.exception()  # waits; a failure here must not stop the shutdown
+    io.shutdown(wait=True)
+
 
 class Persistence:
     def __init__(self, store: CacheStore, model: Any, model_tag: str, io: ThreadPoolExecutor):

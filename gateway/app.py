@@ -24,7 +24,7 @@ from aiohttp import web
 from actors.cachestore import CacheStore
 from actors.messages import AbortAll, GetModel
 from actors.model import ModelActor, ModelSlot
-from actors.pool import Persistence, SessionPool
+from actors.pool import IO_THREADS, Persistence, SessionPool, close_io
 from actors.scheduler import SchedulerActor
 from actors.session import SessionActor
 from actors.supervisor import Admission, Status, SupervisorActor
@@ -194,7 +194,7 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
         ),
     ]
     system = ActorSystem(children, intensity=RestartIntensity(max_restarts=3, period=60))
-    io = ThreadPoolExecutor(2, thread_name_prefix="greenroom-io")
+    io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="greenroom-io")
     async with system:
         loaded = await system.ref("model").ask(GetModel(), timeout=10)
         persistence = None
@@ -249,7 +249,7 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
             # Turns still running after the HTTP drain end now, then every session
             # saves its cache while the model (which evaluates them) still runs.
             await asyncio.shield(_save_everything(system, admission, pool))
-    io.shutdown(wait=True)
+    close_io(io)  # waits for the writes; frees MLX's streams on the I/O threads
 
 
 async def _save_everything(system: ActorSystem, admission: Admission, pool: SessionPool) -> None:
