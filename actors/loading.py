@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+
+from actors import cpu_attention
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,6 +83,8 @@ def load(source: str | None = None) -> LoadedModel:
         name = Path(source).name if Path(source).expanduser().is_dir() else source
     if on_cpu():
         model = _to_float32(model)
+        if not os.environ.get("GREENROOM_STOCK_ATTENTION"):
+            cpu_attention.install(model)
     mx.eval(model.parameters())
     dtype = _param_dtype(model)
     n_layers, kv_bytes = _kv_geometry(model, config, dtype)

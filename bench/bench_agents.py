@@ -263,6 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-bare", action="store_true")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--mlx-lm-args", default=" ".join(MLX_LM_SETTINGS), help="mlx_lm.server flags")
+    ap.add_argument("--greenroom-args", default="", help="extra `greenroom serve` flags, e.g. --no-persist")
+    ap.add_argument("--name", default="agents", help="results file stem: bench/results/NAME.json and NAME.png")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     C.add_env_flags(ap)
@@ -282,7 +284,8 @@ def main(argv=None) -> int:
     out = C.header()
     out["child_env"] = child_env
     out.update({"model": str(model), "nonce": nonce, "settings": vars(args) | {"model": str(model)}})
-    extras = {"greenroom": ["--max-batch", str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk)],
+    extras = {"greenroom": ["--max-batch", str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk),
+                            *args.greenroom_args.split()],
               "mlx_lm": args.mlx_lm_args.split()}
 
     # 1. The bare model in its own process, before any server exists.
@@ -353,9 +356,9 @@ def main(argv=None) -> int:
     out["servers"] = data
     summary = report(args, kinds, data, bare, chunk)
     out["summary"] = summary
-    path = C.write_result("agents", out)
+    path = C.write_result(args.name, out)
     if not args.no_plot:
-        png = C.RESULTS / "agents.png"
+        png = C.RESULTS / f"{args.name}.png"
         plot(args.agents, data, png)
         print(f"plot: {png}")
     print(f"results: {path}")
