@@ -17,6 +17,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import apply_top_p
 
 from actors.loading import LoadedModel
+from actors.prefill_budget import PrefillBudget, Prefilling, rows_and_area, tokens_in_step
 from actors.messages import SamplingParams, SeqEnd, SeqInsert, StepPlan, StepResult, TurnStatus
 
 _FINISH = {"stop": TurnStatus.FINISHED_STOPPED, "length": TurnStatus.FINISHED_LENGTH}
@@ -55,6 +56,7 @@ class BatchEngine:
             prefill_batch_size=max_batch,
             prefill_step_size=prefill_chunk,
         )
+        self.budget = PrefillBudget(prefill_chunk)
         self._uid_of: dict[int, int] = {}
         self._turn_of: dict[int, int] = {}
 
@@ -68,9 +70,13 @@ class BatchEngine:
         ended = self._remove(plan.removes)
         self._insert(plan.inserts)
         tokens: list[tuple[int, int]] = []
-        prefill_before = self.generator._counters.prompt_tokens
+        counters = self.generator._counters
+        prefill_before, prefill_time_before = counters.prompt_tokens, counters.prompt_time
         if self._uid_of:
+            planned = self._plan_prefill()
             _, responses = self.generator.next()
+            if planned is not None and counters.prompt_tokens - prefill_before == planned[0]:
+                self.budget.observe(*planned[1:], counters.prompt_time - prefill_time_before)
             for r in responses:
                 turn_id = self._turn_of[r.uid]
                 tokens.append((turn_id, r.token))
@@ -85,6 +91,30 @@ class BatchEngine:
             decode_tokens=len(tokens),
             seconds=time.perf_counter() - started,
         )
+
+    def _plan_prefill(self) -> tuple[int, float, float] | None:
+        """Set the generator's chunk for the coming step from the prefill budget.
+
+        Returns (tokens, rows, area) the step should prefill, for the budget's fit. This
+        reads BatchGenerator's queues (private in mlx-lm 0.32); if they change shape
+        the engine falls back to the fixed chunk rather than failing the step."""
+        gen = self.generator
+        try:
+            seqs = [Prefilling(len(tokens), sum(map(len, work[0])) - 1)
+                    for tokens, work in zip(gen._prompt_batch.tokens, gen._currently_processing)]
+            joining = min(gen.prefill_batch_size - len(gen._prompt_batch),
+                          gen.completion_batch_size - len(gen._generation_batch),
+                          len(gen._unprocessed_sequences))
+            seqs += [Prefilling(len(q[4]), sum(map(len, q[1])) - 1)
+                     for q in list(gen._unprocessed_sequences)[:max(joining, 0)]]
+            decoding = len(gen._generation_batch) > 0
+        except (AttributeError, TypeError, IndexError):
+            gen.prefill_step_size = self.budget.chunk
+            return None
+        seqs = [s for s in seqs if s.remaining > 0]
+        n = self.budget.tokens_per_sequence(seqs, decoding)
+        gen.prefill_step_size = n
+        return (tokens_in_step(seqs, n), *rows_and_area(seqs, n))
 
     def _insert(self, inserts: tuple[SeqInsert, ...]) -> None:
         if not inserts:

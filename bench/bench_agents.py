@@ -17,8 +17,8 @@ Phases, per number of agents N (default 1, 2, 4, 8):
             streams of (tokens - 1) / (last token - first token).
 
 Then, in a separate process while both servers are idle: the bare batched decode
-of the model (mlx-lm BatchGenerator, the same prompts, batch 1 and batch 8, no
-HTTP), to compare greenroom's 8-agent over 1-agent decode speed-up with the
+of the model (mlx-lm BatchGenerator with greenroom's CPU attention, as greenroom
+runs it; the same prompts, batch 1 and batch 8, no HTTP), to compare greenroom's 8-agent over 1-agent decode speed-up with the
 model's own (target >= 0.9 x), and the prefill time of one --prefill-chunk chunk.
 
 Finally the stall: agent A streams a long reply; once it is going, agent B sends
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -71,6 +72,10 @@ def worker_main(model_path: str) -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
     model, tokenizer = mlx_lm.load(model_path)
+    if not os.environ.get("GREENROOM_STOCK_ATTENTION"):
+        from actors import cpu_attention
+
+        cpu_attention.install(model)  # the forward pass greenroom runs (a no-op off the CPU)
 
     def bare_decode(batch: int, tokens: int, prefill_chunk: int):
         """Decode tokens/s of `batch` sequences through BatchGenerator, prefill excluded."""

@@ -1,0 +1,68 @@
+"""While agents decode, a long prompt is prefilled in steps of bounded compute, not bounded tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.prefill_budget import MIN_TOKENS, PrefillBudget, Prefilling, rows_and_area
+
+A, B = 2.5e-3, 3e-6  # seconds per token row and per query-key pair (the CPU's embedded model)
+
+
+def trained(chunk=256) -> PrefillBudget:
+    budget = PrefillBudget(chunk)
+    for offset in range(0, 4096, chunk):  # a 4k prompt prefilled in plain chunks
+        rows, area = rows_and_area([Prefilling(offset, 4096 - offset)], chunk)
+        budget.observe(rows, area, A * rows + B * area)
+    return budget
+
+
+def test_fit_recovers_the_cost_of_weights_and_of_attention():
+    a, b = trained().coefficients()
+    assert a == pytest.approx(A, rel=1e-3)
+    assert b == pytest.approx(B, rel=1e-3)
+
+
+def test_full_chunk_when_nobody_decodes_or_before_any_measurement():
+    deep = [Prefilling(3900, 2000)]
+    assert trained().tokens_per_sequence(deep, decoding=False) == 256
+    assert PrefillBudget(256).tokens_per_sequence(deep, decoding=True) == 256
+
+
+def test_chunk_shrinks_with_depth_so_a_step_never_costs_more_than_a_first_chunk():
+    budget = trained()
+    first_chunk = A * 256 + B * 256 * 256 / 2
+    sizes = []
+    for offset in (0, 512, 1024, 2048, 3900):
+        seqs = [Prefilling(offset, 5000)]
+        n = budget.tokens_per_sequence(seqs, decoding=True)
+        rows, area = rows_and_area(seqs, n)
+        assert A * rows + B * area <= first_chunk * 1.001
+        rows, area = rows_and_area(seqs, n + 1)  # and it is the largest such chunk
+        assert n == 256 or A * rows + B * area > first_chunk * 0.999
+        sizes.append(n)
+    assert sizes[0] == 256
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 128
+
+
+def test_several_prompts_share_one_budget_and_padding_counts():
+    budget = trained()
+    one = budget.tokens_per_sequence([Prefilling(1000, 500)], decoding=True)
+    four = budget.tokens_per_sequence([Prefilling(1000, 500)] * 4, decoding=True)
+    assert MIN_TOKENS <= four < one
+    # A short prompt padded to the long one's width costs as much as the long one.
+    assert rows_and_area([Prefilling(0, 10), Prefilling(0, 200)], 256)[0] == 400
+
+
+def test_never_below_the_minimum_chunk():
+    budget = trained()
+    assert budget.tokens_per_sequence([Prefilling(100_000, 5000)] * 8, decoding=True) == MIN_TOKENS
+
+
+def test_tokens_only_history_falls_back_to_a_token_budget():
+    budget = PrefillBudget(256)
+    for _ in range(5):
+        budget.observe(256, 0.0, 0.64)  # no attention area at all: b cannot be fitted
+    a, b = budget.coefficients()
+    assert (a, b) == (pytest.approx(0.0025), 0.0)
+    assert budget.tokens_per_sequence([Prefilling(3000, 1000)], decoding=True) == 256
