@@ -33,6 +33,7 @@ LAYER_CASES = [  # name, batch, query rows, keys
     ("prefill chunk 256 @ 0", 1, 256, 256),
     ("prefill chunk 256 @ 1024", 1, 256, 1280),
     ("prefill chunk 256 @ 2048", 1, 256, 2304),
+    ("8 prefill chunks 256 @ 1024", 8, 256, 1280),
     ("decode batch 1 @ 1400", 1, 1, 1400),
     ("decode batch 8 @ 1400", 8, 1, 1400),
 ]

@@ -118,3 +118,15 @@ def test_installed_model_gives_the_same_logits_alone_and_in_a_padded_batch():
     finally:
         cpu_attention.uninstall_all()
     assert not getattr(llama.scaled_dot_product_attention, "greenroom", False)
+
+
+def test_blocked_path_matches_mlx(monkeypatch):
+    # Small blocks force every split: per sequence, and several row blocks each.
+    monkeypatch.setattr(cpu_attention, "BLOCK_ELEMENTS", 2000)
+    assert _close("causal", 3, 9, 3, 50, 120) < TOL
+    assert _close(None, 2, 4, 4, 33, 70) < TOL
+    left = mx.array([0, 9])
+    assert _close(create_causal_mask(40, offset=20, left_padding=left), 2, 6, 2, 40, 60) < TOL
+    per_head = mx.random.uniform(shape=(2, 6, 40, 60)) < 0.7
+    per_head[..., 0] = True
+    assert _close(per_head, 2, 6, 2, 40, 60) < TOL
