@@ -12,8 +12,11 @@ This version computes the same thing with fewer, cheaper passes:
   which MLX's CPU backend evaluates ~2.5x faster than mx.exp;
 - the division by the softmax sum happens after P @ V, on L x D values
   instead of L x T.
-It measured ~1.6x faster than the fallback for prefill chunks and ~1.8x for
-batch-8 decode (bench/bench_attention.py), with a max abs difference ~1e-7.
+- big score matrices are computed in cache-sized blocks, and a causal block
+  leaves out the keys that are masked for all of its rows.
+bench/bench_attention.py (2-core x86 CPU): one call 1.8-2.2x faster for prefill
+chunks and 1.7-1.8x for decode; the embedded model prefilled 1,400 tokens 1.45x
+faster and decoded batch 8 at that depth 1.29x faster. Max abs difference ~1e-7.
 
 It is installed only when the default device is the CPU and only for float32
 queries; quantized KV caches and attention sinks keep mlx-lm's own function.
