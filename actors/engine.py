@@ -113,7 +113,8 @@ class BatchEngine:
             return None
         seqs = [s for s in seqs if s.remaining > 0]
         n = self.budget.tokens_per_sequence(seqs, decoding)
-        gen.prefill_step_size = n
+        # The prompt batch keeps the step size it was made with for its inner loop.
+        gen.prefill_step_size = gen._prompt_batch.prefill_step_size = n
         return (tokens_in_step(seqs, n), *rows_and_area(seqs, n))
 
     def _insert(self, inserts: tuple[SeqInsert, ...]) -> None:

@@ -66,3 +66,49 @@ def test_tokens_only_history_falls_back_to_a_token_budget():
     a, b = budget.coefficients()
     assert (a, b) == (pytest.approx(0.0025), 0.0)
     assert budget.tokens_per_sequence([Prefilling(3000, 1000)], decoding=True) == 256
+
+
+def test_engine_shrinks_a_deep_prompts_chunks_only_while_another_agent_decodes():
+    """A real (tiny) model through BatchEngine: agent B's 3,000-token prompt goes in full
+    chunks while nobody decodes, and in smaller ones at depth once agent A decodes."""
+    from types import SimpleNamespace
+
+    import actors  # noqa: F401  (OpenBLAS before mlx)
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    from actors.engine import BatchEngine
+    from actors.messages import SamplingParams, SeqInsert, StepPlan
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict({
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 97,
+    }))
+    loaded = SimpleNamespace(model=model, tokenizer=SimpleNamespace(eos_token_ids={0}))
+    engine = BatchEngine(loaded, max_batch=4, prefill_chunk=256)
+    greedy = SamplingParams(temperature=0.0)
+
+    def insert(turn_id, n, max_tokens):
+        return SeqInsert(turn_id, tuple(1 + i % 90 for i in range(n)), None, (), greedy, max_tokens)
+
+    def prefill_sizes(turn_id, until_decoding):
+        sizes = []
+        plan = StepPlan(inserts=(insert(turn_id, 3000, 1),))
+        for _ in range(200):
+            result = engine.step(plan)
+            plan = StepPlan()
+            if result.prefill_tokens:
+                sizes.append(result.prefill_tokens)
+            if any(t == until_decoding for t, _ in result.tokens):
+                return sizes
+        raise AssertionError("the prompt never finished")
+
+    alone = prefill_sizes(1, until_decoding=1)  # nobody else: full chunks, and the fit learns
+    assert alone[:-1] == [256] * (len(alone) - 1)
+    engine.step(StepPlan(inserts=(insert(2, 20, 10_000),)))  # agent A starts decoding
+    beside = prefill_sizes(3, until_decoding=3)
+    assert beside[0] == 256  # at the start of a prompt a chunk costs what the budget allows
+    assert max(beside[-4:-1]) < 256  # deep in it, the same compute buys fewer tokens
+    assert min(beside[:-1]) >= 16  # the last one is whatever remained
+    assert sum(beside) == sum(alone)  # nothing skipped
