@@ -87,7 +87,7 @@ class BatchEngine:
         return StepResult(
             tokens=tuple(tokens),
             ended=tuple(ended),
-            prefill_tokens=self.generator._counters.prompt_tokens - prefill_before,
+            prefill_tokens=counters.prompt_tokens - prefill_before,
             decode_tokens=len(tokens),
             seconds=time.perf_counter() - started,
         )

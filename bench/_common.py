@@ -60,6 +60,18 @@ def child_env() -> dict:
     return dict(os.environ, PYTHONUNBUFFERED="1", **CHILD_ENV)
 
 
+def setup_server_bench(args) -> tuple[Path, dict]:
+    """The start of a benchmark that runs servers/workers: SIGTERM cleans up, the
+    env flags reach the children, the model folder exists. Returns it and the
+    result header (which records the children's extra environment)."""
+    from export_model import ensure_model
+
+    exit_on_sigterm()
+    out = header()
+    out["child_env"] = apply_env_flags(args)
+    return args.model or ensure_model(), out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

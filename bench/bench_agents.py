@@ -278,16 +278,9 @@ def main(argv=None) -> int:
         worker_main(args.worker)
         return 0
 
-    from export_model import ensure_model
-
-    C.exit_on_sigterm()
-    child_env = C.apply_env_flags(args)
-
-    model = args.model or ensure_model()
+    model, out = C.setup_server_bench(args)
     kinds = [k for k in args.servers.split(",") if k]
     nonce = f"{int(time.time()) % 100000:05d}{random.randrange(100):02d}"
-    out = C.header()
-    out["child_env"] = child_env
     out.update({"model": str(model), "nonce": nonce, "settings": vars(args) | {"model": str(model)}})
     extras = {"greenroom": ["--max-batch", str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk),
                             *args.greenroom_args.split()],

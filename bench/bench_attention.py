@@ -94,23 +94,19 @@ def model_decode(model, cache: list, batch: int, steps: int = 24) -> float:
     return batch * steps / elapsed
 
 
-def both(fn, reps: int) -> tuple[float, float]:
+def both(model, fn, reps: int) -> tuple[float, float]:
     """fn() under the stock kernel and under greenroom's, alternated; medians."""
     stock, ours = [], []
     for _ in range(reps):
         cpu_attention.uninstall_all()
         stock.append(fn())
-        cpu_attention.install(MODEL)
+        cpu_attention.install(model)
         ours.append(fn())
     cpu_attention.uninstall_all()
     return statistics.median(stock), statistics.median(ours)
 
 
-MODEL = None
-
-
 def main(argv=None) -> int:
-    global MODEL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=256)
@@ -124,8 +120,8 @@ def main(argv=None) -> int:
         print("MLX is not on the CPU here: greenroom keeps MLX's fused kernel; nothing to compare")
         return 0
     path = args.model or ensure_model()
-    MODEL, _ = mlx_lm.load(str(path))
-    assert isinstance(MODEL, llama.Model)
+    model, _ = mlx_lm.load(str(path))
+    assert isinstance(model, llama.Model)
     out = C.header()
     out["settings"] = vars(args) | {"model": str(path)}
 
@@ -138,10 +134,10 @@ def main(argv=None) -> int:
     out["layer"] = layers
 
     tokens = [(i * 7919) % 40000 + 100 for i in range(args.context)]
-    pre = both(lambda: model_prefill(MODEL, tokens, args.chunk), args.reps)
-    caches = {b: filled_cache(MODEL, tokens, b) for b in (1, 8)}
-    dec1 = both(lambda: model_decode(MODEL, caches[1], 1), args.reps)
-    dec8 = both(lambda: model_decode(MODEL, caches[8], 8), args.reps)
+    pre = both(model, lambda: model_prefill(model, tokens, args.chunk), args.reps)
+    caches = {b: filled_cache(model, tokens, b) for b in (1, 8)}
+    dec1 = both(model, lambda: model_decode(model, caches[1], 1), args.reps)
+    dec8 = both(model, lambda: model_decode(model, caches[8], 8), args.reps)
     model_rows = [
         [f"prefill {args.context} tokens, chunks of {args.chunk} (s)", pre[0], pre[1], pre[0] / pre[1]],
         [f"decode batch 1 @ {args.context} (tok/s)", dec1[0], dec1[1], dec1[1] / dec1[0]],

@@ -87,14 +87,7 @@ def main(argv=None) -> int:
         worker_main(args.worker)
         return 0
 
-    from export_model import ensure_model
-
-    C.exit_on_sigterm()
-    child_env = C.apply_env_flags(args)
-
-    model = args.model or ensure_model()
-    out = C.header()
-    out["child_env"] = child_env
+    model, out = C.setup_server_bench(args)
     print(f"model: {model}\nstarting greenroom and the mlx-lm worker ...", flush=True)
     server = C.Server("greenroom", model).start()
     worker = None
