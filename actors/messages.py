@@ -19,15 +19,68 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
+    """Sampling settings of one turn. None means "not set by the request": the
+    served model's own defaults (generation_config.json) apply, else OpenAI's."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
     max_tokens: int | None = None  # None: up to the context limit / server default
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: off; k >= 0: each token's logprob and its top k alternatives
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+# ---------------------------------------------------------------- the API-neutral chat request
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call; `parameters` is a JSON Schema of an object."""
+
+    name: str
+    description: str = ""
+    parameters: dict = field(default_factory=lambda: {"type": "object", "properties": {}}, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFormat:
+    """Constrained output: "json_object" (any JSON object) or "json_schema" (`schema`)."""
+
+    kind: str
+    schema: dict | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One turn as both APIs ask for it, after validation (gateway/openai.py and
+    gateway/anthropic.py only translate shapes into this).
+
+    `messages` are chat-template messages: {"role": system|user|assistant|tool,
+    "content": str, optional "tool_calls": [{"id", "type": "function",
+    "function": {"name", "arguments": dict}}], "tool_call_id", "name",
+    "reasoning_content"}. `prompt` replaces the template (/v1/completions).
+    """
+
+    messages: tuple[dict, ...] = ()
+    params: SamplingParams = SamplingParams()
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"  # auto | none | required | function (then tool_name)
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    output_format: OutputFormat | None = None
+    thinking: bool | None = None  # None: the template's default
+    thinking_budget: int | None = None  # tokens of reasoning before the answer is forced
+    prompt: str | None = None
 
 
 class TurnStatus(enum.IntEnum):
@@ -52,14 +105,14 @@ class TurnStatus(enum.IntEnum):
 class ChatTurn:
     """Ask a session to run one chat turn.
 
-    The session answers on `events` (TurnRejected, or TextDelta... then TurnDone).
+    The session answers on `events` (TurnRejected, or TextDelta / ReasoningDelta /
+    ToolCallEvent ... then TurnDone).
     `inbox` is the session's channel for this turn: the scheduler's TokenOut and
     SequenceEnded arrive there, and the gateway puts CancelRequested there when
     the client goes away.
     """
 
-    messages: tuple[dict, ...]
-    params: SamplingParams
+    request: ChatRequest
     events: asyncio.Queue = field(compare=False)
     inbox: asyncio.Queue = field(compare=False)
 
@@ -79,19 +132,48 @@ class TurnRejected:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log probability and its `top` alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """Text inside the model's thinking block (never part of the answer's content)."""
+
     text: str
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallEvent:
+    """One complete tool call, parsed; `arguments` is a JSON object as a string."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class TurnDone:
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    finish_reason: str  # "stop" | "length" | "tool_calls" | "cancelled" | "abort" | "error"
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens served from the session's KV cache
     prefilled_tokens: int  # prompt tokens that went through the model this turn
     model: str
     error: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended the turn, if one did
 
 
 # ---------------------------------------------------------------- session <-> scheduler

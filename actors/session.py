@@ -201,7 +201,7 @@ class SessionActor(Actor):
         tokenizer = self.loaded.tokenizer
         try:
             prompt = await asyncio.to_thread(
-                tokenizer.apply_chat_template, list(turn.messages), add_generation_prompt=True
+                tokenizer.apply_chat_template, list(turn.request.messages), add_generation_prompt=True
             )
         except Exception as exc:  # template errors are the client's messages' fault
             turn.events.put_nowait(TurnRejected(400, f"could not apply the chat template: {exc}"))
@@ -216,7 +216,7 @@ class SessionActor(Actor):
                 )
             )
             return
-        max_tokens = min(turn.params.max_tokens or self.default_max_tokens, limit - len(prompt))
+        max_tokens = min(turn.request.params.max_tokens or self.default_max_tokens, limit - len(prompt))
 
         cached = common_prefix_len(self.tokens, prompt) if self.cache else 0
         if cached == len(prompt):
@@ -238,7 +238,7 @@ class SessionActor(Actor):
             suffix=tuple(prompt[cached:]),
             cache=cache,
             cached=tuple(prompt[:cached]),
-            params=turn.params,
+            params=turn.request.params,
             max_tokens=max_tokens,
             sink=turn.inbox,
         )
@@ -263,7 +263,7 @@ class SessionActor(Actor):
         eos = tokenizer.eos_token_ids
         detok = copy.copy(tokenizer.detokenizer)  # shares the token map, own state
         detok.reset()
-        stops = StopMatcher(turn.params.stop)
+        stops = StopMatcher(turn.request.params.stop)
         generated = 0
         stopped_by_string = False
         while True:

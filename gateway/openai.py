@@ -6,7 +6,6 @@ unknown role or an out-of-range value is a 400 in OpenAI's error shape.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,24 +14,16 @@ import orjson
 from aiohttp import web
 
 from actors.cachestore import InvalidAgentId, validate_agent_id
-from actors.messages import (
-    CancelRequested,
-    ChatTurn,
-    SamplingParams,
-    TextDelta,
-    TurnDone,
-    TurnRejected,
-)
+from actors.messages import ChatRequest as InternalChat
+from actors.messages import SamplingParams, TextDelta, TurnDone
 from gateway.app import SERVER, error_response, json_response
-from runtime.actor import ActorError, MailboxFull
+from gateway.turns import ClientGone, TurnRefused, open_turn
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_MESSAGES = 4096
 MAX_STOP = 4
 MAX_STOP_LEN = 256
 MAX_MAX_TOKENS = 1 << 20
-# How often a waiting handler checks whether its client is still connected.
-DISCONNECT_POLL_S = 0.25
 
 
 class BadRequest(Exception):
@@ -150,21 +141,6 @@ async def read_json(request: web.Request):
         raise BadRequest(f"the body is not valid JSON: {exc}")
 
 
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-async def next_event(events: asyncio.Queue, request: web.Request):
-    """The session's next event, or None once the client has disconnected."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if _client_gone(request):
-                return None
-
-
 def usage_dict(done: TurnDone) -> dict:
     return {
         "prompt_tokens": done.prompt_tokens,
@@ -183,80 +159,54 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         agent_id = agent_id_for(request, chat.user)
     except BadRequest as exc:
         return error_response(400, str(exc), param=exc.param)
-
-    # During a drain or a model swap new turns wait here; they are not rejected.
-    async with server.admission.turn():
-        return await _run_turn(request, server, chat, agent_id)
-
-
-async def _run_turn(request, server, chat: ChatRequest, agent_id: str | None) -> web.StreamResponse:
-    ephemeral = agent_id is None
-    if ephemeral:
-        agent_id, session = await server.pool.ephemeral()
-    else:
-        session = await server.pool.session(agent_id)
-    turn = ChatTurn(chat.messages, chat.params, asyncio.Queue(), asyncio.Queue())
+    internal = InternalChat(messages=chat.messages, params=chat.params)
     try:
-        try:
-            session.tell(turn)
-        except MailboxFull:
-            return error_response(429, f"agent {agent_id!r} has too many queued turns", "rate_limit_exceeded")
-        except ActorError as exc:
-            return error_response(503, f"agent {agent_id!r} is unavailable: {exc}", "server_busy")
-        first = await next_event(turn.events, request)
-        if first is None:
-            turn.inbox.put_nowait(CancelRequested())
-            return web.Response(status=499)
-        if isinstance(first, TurnRejected):
-            return error_response(first.status, first.message, first.code)
-        ident = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        if chat.stream:
-            return await _stream(request, server, chat, turn, first, ident, created, agent_id)
-        return await _complete(request, server, turn, first, ident, created, agent_id)
-    finally:
-        if ephemeral:
-            await server.pool.release(agent_id)
-        else:
-            await server.pool.make_room()
+        async with open_turn(request, server, internal, agent_id) as turn:
+            await turn.first()
+            ident = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            created = int(time.time())
+            if chat.stream:
+                return await _stream(request, server, chat, turn, ident, created)
+            return await _complete(server, turn, ident, created)
+    except TurnRefused as exc:
+        return error_response(exc.status, exc.message, exc.code)
+    except ClientGone:
+        return web.Response(status=499)
 
 
-async def _complete(request, server, turn, first, ident, created, agent_id) -> web.Response:
+async def _complete(server, turn, ident, created) -> web.Response:
     parts = []
-    event = first
-    while not isinstance(event, TurnDone):
-        if event is None:
-            turn.inbox.put_nowait(CancelRequested())
-            return web.Response(status=499)
-        parts.append(event.text)
-        event = await next_event(turn.events, request)
-    if event.finish_reason == "error":
-        return error_response(500, event.error or "generation failed", "server_error")
+    async for event in turn.events():
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+    done = turn.done
+    if done.finish_reason == "error":
+        return error_response(500, done.error or "generation failed", "server_error")
     body = {
         "id": ident,
         "object": "chat.completion",
         "created": created,
-        "model": event.model,
+        "model": done.model,
         "choices": [
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": "".join(parts)},
-                "finish_reason": event.finish_reason,
+                "finish_reason": done.finish_reason,
                 "logprobs": None,
             }
         ],
-        "usage": usage_dict(event),
+        "usage": usage_dict(done),
         "system_fingerprint": server.loaded.tag,
     }
-    return json_response(body, headers={"X-Agent-Id": agent_id})
+    return json_response(body, headers={"X-Agent-Id": turn.agent_id})
 
 
-async def _stream(request, server, chat, turn, first, ident, created, agent_id):
+async def _stream(request, server, chat, turn, ident, created):
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
-            "X-Agent-Id": agent_id,
+            "X-Agent-Id": turn.agent_id,
         }
     )
     await response.prepare(request)
@@ -279,26 +229,21 @@ async def _stream(request, server, chat, turn, first, ident, created, agent_id):
 
     try:
         await response.write(chunk({"role": "assistant", "content": ""}))
-        event = first
-        while True:
-            if event is None:
-                turn.inbox.put_nowait(CancelRequested())
-                return response
-            if isinstance(event, TurnDone):
-                break
-            await response.write(chunk({"content": event.text}))
-            event = await next_event(turn.events, request)
-        if event.finish_reason == "error":
-            err = {"error": {"message": event.error or "generation failed", "type": "server_error", "code": "server_error"}}
+        async for event in turn.events():
+            if isinstance(event, TextDelta):
+                await response.write(chunk({"content": event.text}))
+        done = turn.done
+        if done.finish_reason == "error":
+            err = {"error": {"message": done.error or "generation failed", "type": "server_error", "code": "server_error"}}
             await response.write(b"data: " + orjson.dumps(err) + b"\n\n")
         else:
-            await response.write(chunk({}, event.finish_reason))
+            await response.write(chunk({}, done.finish_reason))
             if chat.include_usage:
-                await response.write(chunk({}, usage=usage_dict(event)))
+                await response.write(chunk({}, usage=usage_dict(done)))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
-    except (ConnectionResetError, ConnectionError):
-        turn.inbox.put_nowait(CancelRequested())
+    except (ConnectionResetError, ConnectionError, ClientGone):
+        turn.cancel()
     return response
 
 
