@@ -129,6 +129,10 @@ class TurnRejected:
     status: int
     message: str
     code: str = "invalid_request_error"
+    # For code "context_length_exceeded": the prompt's tokens and the model's limit
+    # (each API words this error its own way; Claude Code compacts on Anthropic's).
+    prompt_tokens: int | None = None
+    limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

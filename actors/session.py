@@ -213,6 +213,8 @@ class SessionActor(Actor):
                     400,
                     f"the prompt is {len(prompt)} tokens; this model's context is {limit} tokens",
                     "context_length_exceeded",
+                    prompt_tokens=len(prompt),
+                    limit=limit,
                 )
             )
             return

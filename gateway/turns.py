@@ -31,11 +31,12 @@ DISCONNECT_POLL_S = 0.25
 class TurnRefused(Exception):
     """The turn never started: the gateway answers `status` in its API's error shape."""
 
-    def __init__(self, status: int, message: str, code: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error", rejected=None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.rejected: TurnRejected | None = rejected  # prompt_tokens / limit for context errors
 
 
 class ClientGone(Exception):
@@ -72,7 +73,7 @@ class Turn:
         if self._first is None:
             event = await self._next()
             if isinstance(event, TurnRejected):
-                raise TurnRefused(event.status, event.message, event.code)
+                raise TurnRefused(event.status, event.message, event.code, event)
             self._first = event
         return self._first
 
