@@ -1,129 +1,29 @@
-"""OpenAI-compatible endpoints: /v1/chat/completions and /v1/models.
+"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/models.
 
-Validation happens here, before anything reaches an actor: a wrong shape, an
-unknown role or an out-of-range value is a 400 in OpenAI's error shape.
+Each handler only translates: the body becomes one actors.messages.ChatRequest
+(gateway/openai_request.py, shapes in gateway/openai_models.py), the session
+runs the turn (gateway/turns.py), and its events become OpenAI's response
+body or SSE chunks (gateway/openai_response.py). Bad input is a 400 in OpenAI's
+error shape before anything reaches an actor.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
 
 from actors.cachestore import InvalidAgentId, validate_agent_id
-from actors.messages import ChatRequest as InternalChat
-from actors.messages import SamplingParams, TextDelta, TurnDone
 from gateway.app import SERVER, error_response, json_response
+from gateway.openai_request import BadRequest, OpenAICall, parse_chat_body, parse_completion_body
+from gateway.openai_response import ChatChunks, CompletionChunks, chat_completion_body, completion_body
 from gateway.turns import ClientGone, TurnRefused, open_turn
-
-ROLES = {"system", "developer", "user", "assistant", "tool"}
-MAX_MESSAGES = 4096
-MAX_STOP = 4
-MAX_STOP_LEN = 256
-MAX_MAX_TOKENS = 1 << 20
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(frozen=True, slots=True)
-class ChatRequest:
-    messages: tuple[dict, ...]
-    params: SamplingParams
-    stream: bool
-    include_usage: bool
-    user: str | None
-
-
-def _number(body: dict, key: str, default, lo: float, hi: float, *, integer=False):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise BadRequest(f"'{key}' must be {'an integer' if integer else 'a number'}", key)
-    if not lo <= value <= hi:
-        raise BadRequest(f"'{key}' must be between {lo} and {hi}, got {value}", key)
-    return value
-
-
-def _content_text(content, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise BadRequest(f"messages[{index}].content: only text parts are supported", "messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise BadRequest(f"messages[{index}].content must be a string or a list of text parts", "messages")
-
-
-def parse_chat_request(body) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list", "messages")
-    if len(messages) > MAX_MESSAGES:
-        raise BadRequest(f"at most {MAX_MESSAGES} messages", "messages")
-    parsed = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}] must be an object", "messages")
-        role = m.get("role")
-        if role not in ROLES:
-            raise BadRequest(f"messages[{i}].role {role!r} is not one of {sorted(ROLES)}", "messages")
-        role = "system" if role == "developer" else role
-        parsed.append({"role": role, "content": _content_text(m.get("content"), i)})
-    n = _number(body, "n", 1, 1, 1, integer=True)
-    del n  # only n=1 is served; the range check above says so
-    stop = body.get("stop")
-    if stop is None:
-        stop = ()
-    elif isinstance(stop, str):
-        stop = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stop = tuple(stop)
-    else:
-        raise BadRequest("'stop' must be a string or a list of strings", "stop")
-    if len(stop) > MAX_STOP or any(len(s) > MAX_STOP_LEN for s in stop):
-        raise BadRequest(f"at most {MAX_STOP} stop strings of {MAX_STOP_LEN} characters", "stop")
-    max_tokens = _number(body, "max_completion_tokens", None, 1, MAX_MAX_TOKENS, integer=True)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", None, 1, MAX_MAX_TOKENS, integer=True)
-    params = SamplingParams(
-        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-        top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0)),
-        max_tokens=max_tokens,
-        stop=stop,
-        seed=_number(body, "seed", None, 0, 2**32 - 1, integer=True),
-    )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be a boolean", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise BadRequest("'stream_options' must be an object", "stream_options")
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise BadRequest("'stream_options.include_usage' must be a boolean", "stream_options")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise BadRequest("'user' must be a string", "user")
-    return ChatRequest(tuple(parsed), params, stream, include_usage, user)
 
 
 def agent_id_for(request: web.Request, chat_user: str | None) -> str | None:
+    """X-Agent-Id, else OpenAI's `user`, else None (an ephemeral session)."""
     raw = request.headers.get("X-Agent-Id") or chat_user
     if raw is None:
         return None
@@ -141,67 +41,84 @@ async def read_json(request: web.Request):
         raise BadRequest(f"the body is not valid JSON: {exc}")
 
 
-def usage_dict(done: TurnDone) -> dict:
-    return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
-        # greenroom extension: prompt tokens that actually went through the model.
-        "prefilled_tokens": done.prefilled_tokens,
-    }
+def vocab_size(server) -> int:
+    return len(server.loaded.tokenizer)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, parse_chat_body, "chatcmpl", _complete_chat, _chat_chunks)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, parse_completion_body, "cmpl", _complete_text, _text_chunks)
+
+
+async def _serve(request, parse, prefix, complete, make_chunks) -> web.StreamResponse:
     server = request.app[SERVER]
     try:
-        chat = parse_chat_request(await read_json(request))
-        agent_id = agent_id_for(request, chat.user)
+        call = parse(await read_json(request), vocab_size(server))
+        agent_id = agent_id_for(request, call.user)
     except BadRequest as exc:
         return error_response(400, str(exc), param=exc.param)
-    internal = InternalChat(messages=chat.messages, params=chat.params)
     try:
-        async with open_turn(request, server, internal, agent_id) as turn:
+        async with open_turn(request, server, call.chat, agent_id) as turn:
             await turn.first()
-            ident = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            ident = f"{prefix}-{uuid.uuid4().hex[:24]}"
             created = int(time.time())
-            if chat.stream:
-                return await _stream(request, server, chat, turn, ident, created)
-            return await _complete(server, turn, ident, created)
+            if call.stream:
+                return await _stream(request, turn, make_chunks(server, call, ident, created))
+            events = [event async for event in turn.events()]
+            done = turn.done
+            if done.finish_reason == "error":
+                return error_response(500, done.error or "generation failed", "server_error")
+            body = complete(events, call, ident, created, server.loaded.tag)
+            return json_response(body, headers={"X-Agent-Id": turn.agent_id})
     except TurnRefused as exc:
         return error_response(exc.status, exc.message, exc.code)
     except ClientGone:
         return web.Response(status=499)
 
 
-async def _complete(server, turn, ident, created) -> web.Response:
-    parts = []
-    async for event in turn.events():
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-    done = turn.done
-    if done.finish_reason == "error":
-        return error_response(500, done.error or "generation failed", "server_error")
-    body = {
-        "id": ident,
-        "object": "chat.completion",
-        "created": created,
-        "model": done.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(parts)},
-                "finish_reason": done.finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": usage_dict(done),
-        "system_fingerprint": server.loaded.tag,
-    }
-    return json_response(body, headers={"X-Agent-Id": turn.agent_id})
+def _complete_chat(events, call: OpenAICall, ident, created, fingerprint) -> dict:
+    return chat_completion_body(
+        events,
+        ident=ident,
+        created=created,
+        fingerprint=fingerprint,
+        logprobs=call.chat.params.logprobs is not None,
+        legacy_functions=call.legacy_functions,
+    )
 
 
-async def _stream(request, server, chat, turn, ident, created):
+def _complete_text(events, call: OpenAICall, ident, created, fingerprint) -> dict:
+    logprobs = call.chat.params.logprobs is not None
+    return completion_body(events, ident=ident, created=created, fingerprint=fingerprint, logprobs=logprobs)
+
+
+def _chat_chunks(server, call: OpenAICall, ident, created) -> ChatChunks:
+    return ChatChunks(
+        ident,
+        created,
+        server.loaded.name,
+        server.loaded.tag,
+        include_usage=call.include_usage,
+        logprobs=call.chat.params.logprobs is not None,
+        legacy_functions=call.legacy_functions,
+    )
+
+
+def _text_chunks(server, call: OpenAICall, ident, created) -> CompletionChunks:
+    return CompletionChunks(
+        ident,
+        created,
+        server.loaded.name,
+        server.loaded.tag,
+        include_usage=call.include_usage,
+        logprobs=call.chat.params.logprobs is not None,
+    )
+
+
+async def _stream(request, turn, chunks: ChatChunks | CompletionChunks) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -210,37 +127,15 @@ async def _stream(request, server, chat, turn, ident, created):
         }
     )
     await response.prepare(request)
-    model = server.loaded.name
-
-    def chunk(delta: dict, finish_reason=None, usage=None) -> bytes:
-        body = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": server.loaded.tag,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
-            if usage is None
-            else [],
-        }
-        if usage is not None or chat.include_usage:
-            body["usage"] = usage
-        return b"data: " + orjson.dumps(body) + b"\n\n"
-
     try:
-        await response.write(chunk({"role": "assistant", "content": ""}))
+        start = chunks.start()
+        if start:
+            await response.write(start)
         async for event in turn.events():
-            if isinstance(event, TextDelta):
-                await response.write(chunk({"content": event.text}))
-        done = turn.done
-        if done.finish_reason == "error":
-            err = {"error": {"message": done.error or "generation failed", "type": "server_error", "code": "server_error"}}
-            await response.write(b"data: " + orjson.dumps(err) + b"\n\n")
-        else:
-            await response.write(chunk({}, done.finish_reason))
-            if chat.include_usage:
-                await response.write(chunk({}, usage=usage_dict(done)))
-        await response.write(b"data: [DONE]\n\n")
+            line = chunks.event(event)
+            if line:
+                await response.write(line)
+        await response.write(chunks.end(turn.done))
         await response.write_eof()
     except (ConnectionResetError, ConnectionError, ClientGone):
         turn.cancel()
@@ -255,4 +150,5 @@ async def models(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
