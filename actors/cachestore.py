@@ -1,6 +1,26 @@
 """On-disk store for per-agent KV caches.
 
-Layout: ``<root>/<model_tag>/<agent_id>.safetensors`` (dirs 0700, files 0600).
+Layout: ``<root>/<model_tag>/<file_stem(agent_id)>.safetensors`` (dirs 0700,
+files 0600).
+
+File names. Agent ids are ASCII only (letters, digits, ``. _ -``), so Unicode
+normalisation cannot make two ids one name; case can, on a case-insensitive file
+system (macOS by default): ``CAPS`` and ``caps`` would be the same file. So the
+name is the id in lowercase, plus, if the id has uppercase letters, ``^`` and the
+positions of those letters as a base-36 bit mask: ``caps`` -> ``caps``,
+``CAPS`` -> ``caps^f``, ``MyAgent`` -> ``myagent^5``. The mapping is injective,
+every name is lowercase (so distinct names stay distinct when the file system
+folds case), ``^`` is not an id character, and the longest name (a 128-letter id,
+its mask, the suffixes of a temp or ``.corrupt`` file) stays under 255 bytes.
+Files of lowercase-only ids keep the names they had before this mapping; a file
+saved under the old naming for an id with uppercase letters (``CAPS.safetensors``)
+is never loaded again: it counts as junk for the disk budget and goes first.
+
+Every file under a tag dir is kept in an in-memory index (``DiskIndex``: name,
+size, last use, owning agent, junk or not), built when the store opens and
+updated on every save, load, quarantine and removal, so usage and listings never
+read the directory again. One server owns a cache dir (the control socket makes
+sure), so the index is the directory.
 
 A file is a plain safetensors file written by ``mx.save_safetensors``:
 
@@ -44,6 +64,7 @@ evaluated arrays.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -64,6 +85,8 @@ from typing import TYPE_CHECKING, Sequence
 import mlx.core as mx
 import numpy as np
 
+from actors.diskbudget import DiskBudget, DiskFile, DiskIndex
+
 if TYPE_CHECKING:
     from mlx_lm.models.cache import KVCache
 
@@ -83,6 +106,10 @@ __all__ = [
     "snapshot_from_cache",
     "cache_from_snapshot",
     "CacheStore",
+    "file_stem",
+    "file_name",
+    "agent_for_stem",
+    "estimated_file_size",
 ]
 
 log = logging.getLogger("greenroom.cachestore")
@@ -95,6 +122,9 @@ _MODEL_TAG = re.compile(MODEL_TAG_RE)
 
 SUFFIX = ".safetensors"
 CORRUPT_SUFFIX = ".corrupt"
+_STEM = re.compile(r"(?P<lower>[a-z0-9._-]{1,128})(?:\^(?P<mask>[1-9a-z][0-9a-z]{0,24}))?")
+_UPPER_MASK = re.compile(r"[A-Z]")
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _TMP_RE = re.compile(r"^\.(?P<agent>.+)\.(?P<pid>\d+)-[0-9a-f]+\.tmp\.safetensors$")
 _TMP_MAX_AGE_S = 3600.0
 
@@ -130,6 +160,49 @@ def validate_agent_id(agent_id: str) -> str:
     if agent_id.startswith("."):
         raise InvalidAgentId(f"invalid agent id {agent_id!r}: must not start with '.'")
     return agent_id
+
+
+def file_stem(agent_id: str) -> str:
+    """The file name (without suffix) of an agent's cache: see the module docstring."""
+    validate_agent_id(agent_id)
+    mask = sum(1 << m.start() for m in _UPPER_MASK.finditer(agent_id))
+    if not mask:
+        return agent_id
+    digits = []
+    while mask:
+        mask, r = divmod(mask, 36)
+        digits.append(_BASE36[r])
+    return f"{agent_id.lower()}^{''.join(reversed(digits))}"
+
+
+def file_name(agent_id: str) -> str:
+    """The name of an agent's cache file inside its tag dir (no file system access)."""
+    return file_stem(agent_id) + SUFFIX
+
+
+def agent_for_stem(stem: str) -> str | None:
+    """The agent id whose file stem this is, or None if no id maps to it."""
+    m = _STEM.fullmatch(stem)
+    if m is None:
+        return None
+    chars = list(m.group("lower"))
+    mask = int(m.group("mask") or "0", 36)
+    for i in range(len(chars)):
+        if mask >> i & 1:
+            if not chars[i].isalpha():
+                return None
+            chars[i] = chars[i].upper()
+    agent = "".join(chars)
+    if mask >> len(chars) or not _AGENT_ID.fullmatch(agent) or agent.startswith("."):
+        return None
+    return agent
+
+
+def estimated_file_size(snap: "CacheSnapshot") -> int:
+    """An upper bound of the bytes ``save`` writes for ``snap``: the arrays plus the
+    safetensors JSON header (under 128 bytes an array, plus the metadata)."""
+    n_arrays = 1 + 2 * len(snap.layers)
+    return snap.nbytes + 2048 + 128 * n_arrays
 
 
 def validate_model_tag(tag: str) -> str:
@@ -333,6 +406,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _classify(name: str, size: int, mtime: float) -> DiskFile:
+    """What a file found in a tag dir is: an agent's cache, junk (a .corrupt file, a
+    cache under the old naming of an id with uppercase letters), or neither (a
+    live writer's temp file, a file greenroom did not write): never removed."""
+    if name.endswith(CORRUPT_SUFFIX):
+        return DiskFile(name, size, mtime, junk=True)
+    if _TMP_RE.match(name) or not name.endswith(SUFFIX):
+        return DiskFile(name, size, mtime)
+    agent = agent_for_stem(name[: -len(SUFFIX)])
+    if agent is None:
+        return DiskFile(name, size, mtime, junk=True)
+    return DiskFile(name, size, mtime, agent)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -356,20 +443,28 @@ class CacheStore:
     proceed in parallel.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, disk_budget_bytes: int | None = None):
+        """Blocking: sweeps dead temp files and indexes every tag dir (run it off the
+        event loop). `disk_budget_bytes` caps each tag dir (see actors.diskbudget);
+        the store only keeps the cap, its user (Persistence) applies it."""
         self.root = Path(root).expanduser()
         self._make_dir(self.root)
         self._root_resolved = self.root.resolve()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self.budget = DiskBudget(disk_budget_bytes) if disk_budget_bytes else None
         self._sweep_temp_files()
+        self._indexes: dict[str, DiskIndex] = {}
+        self._indexes_guard = threading.Lock()
+        for tag in self._tag_names():
+            self._indexes[tag] = DiskIndex(self._scan(self._root_resolved / tag))
 
     # ---- paths
 
     def path_for(self, agent_id: str, model_tag: str) -> Path:
         validate_agent_id(agent_id)
         validate_model_tag(model_tag)
-        path = self._root_resolved / model_tag / f"{agent_id}{SUFFIX}"
+        path = self._root_resolved / model_tag / file_name(agent_id)
         # Defense in depth: the ids cannot contain separators, but a symlinked
         # tag dir or file could still point elsewhere.
         resolved = path.resolve()
@@ -453,7 +548,7 @@ class CacheStore:
         with self._lock(snap.agent_id, snap.model_tag):
             self._make_dir(path.parent)
             tmp = path.parent / (
-                f".{snap.agent_id}.{os.getpid()}-{secrets.token_hex(6)}.tmp{SUFFIX}"
+                f".{file_stem(snap.agent_id)}.{os.getpid()}-{secrets.token_hex(6)}.tmp{SUFFIX}"
             )
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             fd = os.open(tmp, flags, 0o600)
@@ -472,6 +567,7 @@ class CacheStore:
                     pass
                 raise
             _fsync_dir(path.parent)
+            self.index(snap.model_tag).put(DiskFile(path.name, size, time.time(), snap.agent_id))
         return size
 
     # ---- load
@@ -494,12 +590,19 @@ class CacheStore:
             try:
                 if not stat.S_ISREG(st.st_mode):
                     raise _BadFile("not a regular file")
-                return self._read(path, agent_id, model_tag)
+                snap = self._read(path, agent_id, model_tag)
+                self.index(model_tag).put(DiskFile(path.name, st.st_size, time.time(), agent_id))
+                return snap
             except _BadFile as e:
                 reason = str(e)
             except Exception as e:  # mx.load / eval errors on damaged files
                 reason = f"{type(e).__name__}: {e}"
             moved = self._move_aside(path)
+            index = self.index(model_tag)
+            index.pop(path.name)
+            if stat.S_ISREG(st.st_mode):  # junk now: first to go when room is needed
+                kept = moved or path
+                index.put(DiskFile(kept.name, st.st_size, st.st_mtime, junk=True))
             log.warning(
                 "discarding KV cache file %s: %s%s",
                 path,
@@ -591,43 +694,82 @@ class CacheStore:
 
     def delete(self, agent_id: str, model_tag: str) -> None:
         path = self.path_for(agent_id, model_tag)
+        index = self.index(model_tag)
         with self._lock(agent_id, model_tag):
             for p in (path, path.with_name(path.name + CORRUPT_SUFFIX)):
                 try:
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
+                index.pop(p.name)
+
+    def remove(self, model_tag: str, files: Sequence[DiskFile]) -> int:
+        """Remove these files of the tag dir (chosen by a DiskBudget) and forget them;
+        the bytes freed. Blocking. A file already gone counts as removed."""
+        d = self._tag_dir(model_tag)
+        index = self.index(model_tag)
+        freed = 0
+        for file in files:
+            if "/" in file.name or file.name in (".", ".."):
+                raise ValueError(f"not a file name: {file.name!r}")
+            lock = self._lock(file.owner, model_tag) if file.owner else contextlib.nullcontext()
+            with lock:
+                try:
+                    os.unlink(d / file.name)
+                    freed += file.size
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("could not remove %s: %s", d / file.name, exc)
+                    continue
+                index.pop(file.name)
+        return freed
+
+    def index(self, model_tag: str) -> DiskIndex:
+        """The in-memory index of the tag dir (empty for a dir that did not exist
+        when the store opened: only this store writes there)."""
+        validate_model_tag(model_tag)
+        with self._indexes_guard:
+            index = self._indexes.get(model_tag)
+            if index is None:
+                index = self._indexes[model_tag] = DiskIndex()
+            return index
 
     def list_agents(self, model_tag: str) -> list[str]:
-        d = self._tag_dir(model_tag)
-        out = []
-        try:
-            with os.scandir(d) as it:
-                for e in it:
-                    if not e.name.endswith(SUFFIX) or e.name.startswith("."):
-                        continue
-                    agent = e.name[: -len(SUFFIX)]
-                    if _AGENT_ID.fullmatch(agent) and e.is_file(follow_symlinks=False):
-                        out.append(agent)
-        except FileNotFoundError:
-            return []
-        return sorted(out)
+        """Agents with a saved cache under this tag, from the index (no directory read)."""
+        return self.index(model_tag).owners()
 
     def nbytes_on_disk(self, model_tag: str) -> int:
-        """Size of every regular file in the tag dir (caches, .corrupt files, temp files)."""
-        d = self._tag_dir(model_tag)
-        total = 0
+        """Size of every regular file in the tag dir (caches, .corrupt files, temp
+        files), from the index (no directory read)."""
+        return self.index(model_tag).used_bytes
+
+    def _tag_names(self) -> list[str]:
         try:
-            with os.scandir(d) as it:
-                for e in it:
-                    try:
-                        if e.is_file(follow_symlinks=False):
-                            total += e.stat(follow_symlinks=False).st_size
-                    except FileNotFoundError:
-                        continue
-        except FileNotFoundError:
-            return 0
-        return total
+            with os.scandir(self._root_resolved) as it:
+                return [
+                    e.name for e in it if _MODEL_TAG.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+                ]
+        except OSError:
+            return []
+
+    @staticmethod
+    def _scan(d: Path) -> list[DiskFile]:
+        """Every regular file of a tag dir as the index sees it. Blocking."""
+        files = []
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return []
+        for e in entries:
+            try:
+                if not e.is_file(follow_symlinks=False):
+                    continue
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            files.append(_classify(e.name, st.st_size, st.st_mtime))
+        return files
 
     def _sweep_temp_files(self) -> None:
         """Remove temp files left by a crashed save (writer dead, or older than an hour)."""

@@ -9,7 +9,10 @@ again from disk.
 
 Persistence is the disk side for one model tag: restore, and a coalesced
 write-behind after every turn. Saves are versioned so that an older snapshot
-finishing late on the I/O thread never overwrites a newer one.
+finishing late on the I/O thread never overwrites a newer one. Before each write
+it makes room under the disk budget (actors.diskbudget): junk first, then the
+files of agents that are not active, least recently used first; the pool tells
+it which agents are active (in memory, being restored, or writing).
 """
 
 from __future__ import annotations
@@ -22,9 +25,17 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from actors.cachestore import CacheSnapshot, CacheStore, cache_from_snapshot, snapshot_from_cache
+from actors.cachestore import (
+    CacheSnapshot,
+    CacheStore,
+    cache_from_snapshot,
+    estimated_file_size,
+    file_name,
+    snapshot_from_cache,
+)
+from actors.diskbudget import BudgetExceeded, DiskFile, Plan
 from actors.messages import RunOnModelThread
 from actors.session import SaveNow
 from runtime.supervision import ChildSpec, Restart
@@ -71,11 +82,18 @@ class Persistence:
         self._inflight: dict[str, tuple[tuple[int, ...], asyncio.Future]] = {}
         self.saves = 0
         self.save_errors = 0
+        # The tag dir's files (kept by the store) and the cap on them (None: no cap).
+        self.index = store.index(model_tag)
+        self.budget = store.budget
+        # Agents whose files must stay (the SessionPool sets this to its live sessions).
+        self.active_agents: Callable[[], Iterable[str]] = tuple
 
     async def restore(self, agent_id: str):
         loop = asyncio.get_running_loop()
         snap = await loop.run_in_executor(self.io, self.store.load, agent_id, self.model_tag)
         if snap is None:
+            if self.budget is not None and self.budget.was_evicted(agent_id):
+                log.info("%s starts cold: its saved cache was evicted to stay under the disk budget", agent_id)
             return None
         cache = await self.model.ask(RunOnModelThread(lambda: cache_from_snapshot(snap)), timeout=60)
         log.info("restored %s: %d cached tokens", agent_id, len(snap.tokens))
@@ -115,9 +133,14 @@ class Persistence:
                 RunOnModelThread(lambda: snapshot_from_cache(agent_id, self.model_tag, tokens, frozen)),
                 timeout=60,
             )
+            try:
+                plan = self._make_room(snap)
+            except BudgetExceeded as exc:
+                log.warning("not saving the cache of %s (%d tokens): %s", agent_id, len(tokens), exc)
+                return False
             loop = asyncio.get_running_loop()
             # Shielded: once handed to the I/O thread the write completes regardless.
-            future = loop.run_in_executor(self.io, self._write_sync, version, snap)
+            future = loop.run_in_executor(self.io, self._write_sync, version, snap, plan)
             self._inflight[agent_id] = (tokens, future)
 
             def forget(f, agent_id=agent_id):
@@ -140,14 +163,60 @@ class Persistence:
         except (OSError, ValueError):
             return 0
 
-    def _write_sync(self, version: int, snap: CacheSnapshot) -> None:
-        lock = self._locks.setdefault(snap.agent_id, threading.Lock())
-        with lock:
-            if self._written.get(snap.agent_id, 0) > version:
-                return  # a newer snapshot is already on disk
-            self.store.save(snap)
-            self._written[snap.agent_id] = version
-            self.saves += 1
+    def _write_sync(self, version: int, snap: CacheSnapshot, plan: Plan | None = None) -> None:
+        try:
+            if plan is not None:  # the victims left the index already: their files go first
+                self.store.remove(self.model_tag, plan.victims)
+            lock = self._locks.setdefault(snap.agent_id, threading.Lock())
+            with lock:
+                if self._written.get(snap.agent_id, 0) > version:
+                    return  # a newer snapshot is already on disk
+                self.store.save(snap)
+                self._written[snap.agent_id] = version
+                self.saves += 1
+        finally:
+            if plan is not None:
+                self.index.release(plan.ticket)
+
+    # ---- disk budget (on the event loop: planning only reads the in-memory index)
+
+    def _pinned(self, writer: str):
+        """Whose files must stay: active agents, agents being written, the writer."""
+        keep = {*self.active_agents(), *self._inflight, writer}
+        return lambda file: file.owner in keep
+
+    def _make_room(self, snap: CacheSnapshot) -> Plan | None:
+        """Plan the removals that let `snap` fit the disk budget (BudgetExceeded if
+        it cannot); the files go on the I/O thread right before the write."""
+        if self.budget is None:
+            return None
+        incoming = DiskFile(file_name(snap.agent_id), estimated_file_size(snap), time.time(), snap.agent_id)
+        plan = self.budget.plan(self.index, incoming, self._pinned(snap.agent_id))
+        now = time.time()
+        for file in plan.victims:
+            if file.owner is None:
+                log.info("disk budget: removing %s (%d bytes)", file.name, file.size)
+            else:
+                log.info(
+                    "disk budget: evicting the saved cache of %s (%d bytes, last used %.0fs ago); "
+                    "it starts cold next time",
+                    file.owner,
+                    file.size,
+                    now - file.last_used,
+                )
+        return plan
+
+    async def trim(self) -> int:
+        """Bring the tag dir under the budget now (e.g. the budget was lowered since the
+        last run): junk first, then idle agents' files. Returns the bytes freed."""
+        if self.budget is None:
+            return 0
+        victims = self.budget.trim(self.index, self._pinned(""))
+        if not victims:
+            return 0
+        log.info("disk budget: removing %d files to get under %d bytes", len(victims), self.budget.budget_bytes)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.io, self.store.remove, self.model_tag, victims)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +253,13 @@ class SessionPool:
         self._activating: dict[str, list] = {}  # agent id -> [lock, callers]
         self._making_room = asyncio.Lock()
         self._ephemeral = itertools.count(1)
+        self._attach(persistence)
+
+    def _attach(self, persistence: Persistence | None) -> None:
+        """The disk budget never evicts the file of a session in memory (with a cache,
+        in a turn, or restoring): tell the persistence which agents those are."""
+        if persistence is not None:
+            persistence.active_agents = lambda: (*self.sessions, *self._activating)
 
     def set_model(self, loaded: Any, persistence: Persistence | None) -> None:
         """After a swap (all sessions saved and stopped): new sessions use the new model."""
@@ -191,6 +267,7 @@ class SessionPool:
             raise RuntimeError("set_model needs every session stopped first")
         self.loaded = loaded
         self.persistence = persistence
+        self._attach(persistence)
 
     async def session(self, agent_id: str):
         """The live session for agent_id, activated (and restored from disk) if needed."""
@@ -292,11 +369,9 @@ class SessionPool:
 
     def stats(self) -> PoolStats:
         hibernated = 0
-        if self.persistence is not None:
+        if self.persistence is not None:  # from the in-memory index: no directory read
             live = set(self.sessions)
-            hibernated = sum(
-                1 for a in self.persistence.store.list_agents(self.persistence.model_tag) if a not in live
-            )
+            hibernated = sum(1 for a in self.persistence.index.owners() if a not in live)
         return PoolStats(self.budget_bytes, self.resident_bytes(), len(self.sessions), hibernated)
 
     async def save_all(self) -> None:

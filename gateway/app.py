@@ -4,6 +4,13 @@
 (model actor first, then the scheduler; stopped in reverse order) and the
 session pool, and on shutdown saves every session's cache before the model
 goes away.
+
+Every request passes one guard first (see gateway.security for why): a Host that
+is a loopback name (or the bound host), no Origin outside --cors-origin (403,
+before the body is read), CORS preflights answered only for allowed origins, the
+API key on every route but /health (and /metrics with --metrics-public), and JSON
+bodies only (415). Errors come in the shape of the API the path belongs to:
+`error_response` picks Anthropic's for /v1/messages*, OpenAI's otherwise.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import orjson
 from aiohttp import web
 
 from actors.cachestore import CacheStore
+from actors.diskbudget import default_disk_budget
 from actors.messages import AbortAll, GetModel
 from actors.model import ModelActor, ModelSlot
 from actors.pool import IO_THREADS, Persistence, SessionPool, close_io
 from actors.scheduler import SchedulerActor
 from actors.session import SessionActor
 from actors.supervisor import Admission, Status, SupervisorActor
+from gateway import security
 from gateway.control import ControlServer
 from runtime.metrics import Registry
 from runtime.supervision import ChildSpec, Restart, RestartIntensity
@@ -68,6 +77,9 @@ class ServerConfig:
     persist: bool = True
     control_socket: Path | None = None  # default: <cache_dir>/control.sock
     drain_timeout: float = 30.0  # graceful shutdown: how long running turns may finish
+    cors_origins: tuple[str, ...] = ()  # normalized origins (security.parse_origin_arg); never "*"
+    disk_budget_bytes: int | None = None  # cap on the KV cache files; None: default_disk_budget
+    metrics_public: bool = False  # /metrics without the API key
 
     @property
     def control_path(self) -> Path:
@@ -106,7 +118,22 @@ class Server:
             "uptime_s": status["uptime_s"],
             "running": status["running"],
             "waiting": status["waiting"],
-            "pool": status["pool"],
+            "pool": {**status["pool"], **self.disk()},
+        }
+
+    def disk(self) -> dict:
+        """The loaded tag's cache files against the disk budget, from the in-memory
+        index (no directory read); {} with --no-persist."""
+        persistence = self.pool.persistence
+        if persistence is None:
+            return {}
+        budget, index = persistence.budget, persistence.index
+        return {
+            "disk_budget_bytes": budget.budget_bytes if budget else None,
+            "disk_used_bytes": index.used_bytes,
+            "disk_files": index.count,
+            "disk_junk_files": index.junk_count,
+            "disk_evictions": budget.evictions if budget else 0,
         }
 
 
@@ -119,58 +146,189 @@ def json_response(data: Any, status: int = 200, headers: dict | None = None) -> 
     )
 
 
-def _allowed_hosts(config: ServerConfig) -> set[str]:
-    hosts = {"localhost", "127.0.0.1", "[::1]", "::1", config.host}
-    return {h.lower() for h in hosts}
+AUTHENTICATED = web.RequestKey("authenticated", bool)
+
+# Anthropic's error types by HTTP status; any other 4xx is invalid_request_error.
+ANTHROPIC_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def speaks_anthropic(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str = "invalid_request_error",
+    param=None,
+    request: web.Request | None = None,
+    headers: dict | None = None,
+) -> web.Response:
+    """An error in the shape of the API `request`'s path belongs to: Anthropic's
+    {"type": "error", "error": {"type", "message"}} under /v1/messages, OpenAI's
+    {"error": {"message", "type", "param", "code"}} otherwise (and without a request)."""
+    if request is not None and speaks_anthropic(request.path):
+        kind = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+        body = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return json_response(body, status=status, headers=headers)
+
+
+def api_error(request: web.Request, status: int, message: str, code: str = "invalid_request_error", param=None):
+    """`error_response` in the shape of `request`'s API."""
+    return error_response(status, message, code, param, request=request)
 
 
 def make_middlewares(config: ServerConfig):
-    allowed = _allowed_hosts(config)
-    loopback_only = config.host in ("127.0.0.1", "localhost", "::1")
+    names = security.bind_names(config.host)
+    # A server bound to all interfaces answers to names we cannot know: only the
+    # Host's form is checked then.
+    check_names = not security.is_wildcard_bind(config.host)
+    origins = frozenset(config.cors_origins)
+
+    def host_refusal(request: web.Request) -> web.Response | None:
+        # DNS rebinding: a web page must not reach a loopback-bound server via its own name.
+        header = request.headers.get("Host")
+        if header is None:
+            return api_error(request, 400, "a Host header is required", "host_required")
+        name = security.host_name(header)
+        if name is None or (check_names and name not in names):
+            return api_error(request, 403, f"host {header!r} not allowed", "host_not_allowed")
+        return None
+
+    def origin_refusal(request: web.Request) -> web.Response | None:
+        # A browser names the page's origin; only the ones listed with --cors-origin may
+        # make it run anything (a "simple" text/plain POST needs no preflight).
+        origin = request.headers.get("Origin")
+        if origin is not None and security.normalize_origin(origin) not in origins:
+            return api_error(
+                request, 403, f"origin {origin!r} not allowed (see --cors-origin)", "origin_not_allowed"
+            )
+        return None
+
+    def preflight(request: web.Request) -> web.Response:
+        headers = {
+            "Access-Control-Allow-Methods": security.CORS_METHODS,
+            "Access-Control-Allow-Headers": security.allowed_request_headers(
+                request.headers.get("Access-Control-Request-Headers", "")
+            ),
+            "Access-Control-Max-Age": security.CORS_MAX_AGE,
+        }
+        return web.Response(status=204, headers=headers)  # origin headers: on_response_prepare
+
+    def key_refusal(request: web.Request) -> web.Response | None:
+        presented = security.presented_keys(request.headers)
+        request[AUTHENTICATED] = config.api_key is None or security.key_matches(presented, config.api_key)
+        open_route = request.path == "/health" or (config.metrics_public and request.path == "/metrics")
+        if request[AUTHENTICATED] or open_route:
+            return None
+        return error_response(
+            401,
+            "invalid or missing API key (send 'x-api-key: KEY' or 'Authorization: Bearer KEY')",
+            "invalid_api_key",
+            request=request,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    def body_refusal(request: web.Request) -> web.Response | None:
+        if request.method in security.BODY_METHODS and not security.is_json(request.content_type):
+            return api_error(
+                request,
+                415,
+                f"the body must be application/json, not {request.headers.get('Content-Type', 'none')!r}",
+                "unsupported_media_type",
+            )
+        return None
 
     @web.middleware
     async def guard(request: web.Request, handler):
-        # DNS rebinding: a web page must not reach a loopback-bound server via its own name.
-        host = (request.host or "").lower()
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if loopback_only and name not in allowed:
-            return error_response(403, f"host {host!r} not allowed", "forbidden")
-        if config.api_key and request.path.startswith("/v1/"):
-            if request.headers.get("Authorization", "") != f"Bearer {config.api_key}":
-                return error_response(401, "invalid or missing API key", "invalid_api_key")
+        for check in (host_refusal, origin_refusal):
+            refusal = check(request)
+            if refusal is not None:
+                return refusal
+        if request.method == "OPTIONS" and "Origin" in request.headers:
+            return preflight(request)  # the origin is allowed: origin_refusal passed it
+        for check in (key_refusal, body_refusal):
+            refusal = check(request)
+            if refusal is not None:
+                return refusal
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
-            return error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+            return api_error(request, 413, f"request body larger than {MAX_BODY_BYTES} bytes", "request_too_large")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            code = exc.reason.lower().replace(" ", "_")
+            return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}", code, request=request, headers=allow)
 
     return [guard]
 
 
-def error_response(status: int, message: str, code: str = "invalid_request_error", param=None):
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return json_response(body, status=status)
+def make_cors_headers(config: ServerConfig):
+    """on_response_prepare: an allowed origin may read the response (streams too,
+    whose headers go out before any middleware sees them)."""
+    origins = frozenset(config.cors_origins)
+
+    async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+        if not origins:
+            return
+        response.headers.add("Vary", "Origin")
+        origin = security.normalize_origin(request.headers.get("Origin"))
+        if origin in origins:
+            response.headers["Access-Control-Allow-Origin"] = request.headers["Origin"]
+            response.headers["Access-Control-Expose-Headers"] = security.CORS_EXPOSE
+
+    return add_cors_headers
 
 
 async def health(request: web.Request) -> web.Response:
     data = await request.app[SERVER].health()
     # Draining and swapping still accept requests (they wait); degraded is over budget.
-    return json_response(data, status=503 if data["status"] == "degraded" else 200)
+    status = 503 if data["status"] == "degraded" else 200
+    if not request[AUTHENTICATED]:  # --api-key set, none given: up or not, nothing more
+        data = {"status": data["status"]}
+    return json_response(data, status=status)
 
 
 async def metrics(request: web.Request) -> web.Response:
     server = request.app[SERVER]
+    registry = server.registry
     pool = server.pool.stats()
-    server.registry.gauge("greenroom_pool_resident_bytes", "Resident KV cache bytes").set(pool.resident_bytes)
-    server.registry.gauge("greenroom_pool_budget_bytes", "KV cache budget").set(pool.budget_bytes)
-    server.registry.gauge("greenroom_active_sessions", "Sessions in memory").set(pool.active)
-    return web.Response(text=server.registry.render(), content_type="text/plain")
+    registry.gauge("greenroom_pool_resident_bytes", "Resident KV cache bytes").set(pool.resident_bytes)
+    registry.gauge("greenroom_pool_budget_bytes", "KV cache budget").set(pool.budget_bytes)
+    registry.gauge("greenroom_active_sessions", "Sessions in memory").set(pool.active)
+    persistence = server.pool.persistence
+    if persistence is not None:  # all from the in-memory index: no directory read
+        index, budget = persistence.index, persistence.budget
+        registry.gauge("greenroom_disk_used_bytes", "Bytes of the loaded model's KV cache files").set(index.used_bytes)
+        registry.gauge("greenroom_disk_files", "KV cache files of the loaded model, junk included").set(index.count)
+        registry.gauge("greenroom_disk_junk_files", "Corrupt or stale cache files (removed first)").set(index.junk_count)
+        if budget is not None:
+            registry.gauge("greenroom_disk_budget_bytes", "Cap on the KV cache files (--disk-budget)").set(budget.budget_bytes)
+            registry.counter("greenroom_disk_evictions_total", "Files removed to stay under the disk budget").value = budget.evictions
+            registry.counter("greenroom_disk_evicted_bytes_total", "Bytes removed to stay under the disk budget").value = budget.evicted_bytes
+            registry.counter("greenroom_disk_writes_refused_total", "Cache saves that could not fit the disk budget").value = budget.refused
+    return web.Response(text=registry.render(), content_type="text/plain")
 
 
 def build_app(config: ServerConfig) -> web.Application:
     from gateway import openai
 
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=make_middlewares(config))
+    app.on_response_prepare.append(make_cors_headers(config))
     app.cleanup_ctx.append(lambda app: _lifecycle(app, config))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
@@ -199,8 +357,7 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
         loaded = await system.ref("model").ask(GetModel(), timeout=10)
         persistence = None
         if config.persist:
-            store = CacheStore(Path(config.cache_dir) / "kv")
-            persistence = Persistence(store, system.ref("model"), loaded.tag, io)
+            persistence = await _open_persistence(config, system.ref("model"), loaded.tag, io)
 
         def make_session(agent_id: str, persistence):
             return SessionActor(
@@ -242,6 +399,8 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
         app[SERVER] = Server(
             config, system, pool, admission, registry, shutdown, started, time.time()
         )
+        if persistence is not None:
+            await persistence.trim()  # the budget may be lower than last run's files
         try:
             yield
         finally:
@@ -250,6 +409,16 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
             # saves its cache while the model (which evaluates them) still runs.
             await asyncio.shield(_save_everything(system, admission, pool))
     close_io(io)  # waits for the writes; frees MLX's streams on the I/O threads
+
+
+async def _open_persistence(config: ServerConfig, model, tag: str, io) -> Persistence:
+    """The cache store opens off the loop: it sweeps temp files and indexes every tag dir."""
+    loop = asyncio.get_running_loop()
+    budget = config.disk_budget_bytes
+    if budget is None:
+        budget = await loop.run_in_executor(io, default_disk_budget, Path(config.cache_dir))
+    store = await loop.run_in_executor(io, CacheStore, Path(config.cache_dir) / "kv", budget)
+    return Persistence(store, model, tag, io)
 
 
 async def _save_everything(system: ActorSystem, admission: Admission, pool: SessionPool) -> None:

@@ -26,6 +26,29 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def parse_disk_budget(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError("the disk budget must be more than 0 (--no-persist keeps nothing on disk)")
+    return size
+
+
+def parse_origin(text: str) -> str:
+    from gateway.security import parse_origin_arg
+
+    try:
+        return parse_origin_arg(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def human_size(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gateway.app import ServerConfig
 
@@ -40,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-budget", type=parse_size, default=defaults.cache_budget_bytes, help="resident KV cache budget, e.g. 4G")
     serve.add_argument("--max-batch", type=int, default=defaults.max_batch)
     serve.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
+    serve.add_argument("--api-key", default=None, help="require the key on every route but /health ('x-api-key: KEY' or 'Authorization: Bearer KEY')")
+    serve.add_argument("--metrics-public", action="store_true", help="with --api-key: serve /metrics without the key")
+    serve.add_argument("--cors-origin", action="append", type=parse_origin, default=[], metavar="ORIGIN", help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable; default none)")
+    serve.add_argument("--disk-budget", type=parse_disk_budget, default=None, help="cap on the KV cache files on disk, e.g. 20G (default: 25%% of the cache dir's free space at startup, 256M..32G)")
     serve.add_argument("--no-persist", action="store_true", help="keep KV caches in memory only")
     serve.add_argument("--control-socket", type=Path, default=None, help="default: CACHE_DIR/control.sock")
     serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout, help="on shutdown, seconds running turns may finish")
@@ -109,6 +135,9 @@ async def serve(args) -> int:
         persist=not args.no_persist,
         control_socket=args.control_socket,
         drain_timeout=args.drain_timeout,
+        cors_origins=tuple(dict.fromkeys(args.cors_origin)),
+        disk_budget_bytes=args.disk_budget,
+        metrics_public=args.metrics_public,
     )
     started = time.perf_counter()
     app = build_app(config)
@@ -124,6 +153,14 @@ async def serve(args) -> int:
         flush=True,
     )
     print(f"control socket: {config.control_path}", flush=True)
+    persistence = server.pool.persistence
+    if persistence is not None and persistence.budget is not None:
+        how = "--disk-budget" if args.disk_budget else "25% of free space at startup; set it with --disk-budget"
+        print(
+            f"disk budget: {human_size(persistence.budget.budget_bytes)} for KV cache files in "
+            f"{persistence.store.root} ({how}); {human_size(persistence.index.used_bytes)} used",
+            flush=True,
+        )
     stop = server.shutdown_requested
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

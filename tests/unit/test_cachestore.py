@@ -526,7 +526,8 @@ def test_valid_agent_ids_stay_inside_root(store, tmp_path, good):
     assert validate_agent_id(good) == good
     p = store.path_for(good, TAG)
     root = (tmp_path / "kv").resolve()
-    assert p.resolve().parent == root / TAG and p.name == good + ".safetensors"
+    assert p.resolve().parent == root / TAG and p.name == cachestore.file_stem(good) + ".safetensors"
+    assert cachestore.agent_for_stem(cachestore.file_stem(good)) == good
 
 
 def test_symlinked_tag_dir_outside_root_is_refused(store, tmp_path, caplog):
@@ -681,3 +682,86 @@ def test_bench_default_model_sized_cache(tmp_path):
     print(f"\nfile {mb:.1f} MB")
     for name, (b, med) in rows:
         print(f"{name:40s} best {b * 1e3:7.1f} ms {mb / b:7.0f} MB/s   median {mb / med:7.0f} MB/s")
+
+
+# --------------------------------------------------------------------------- file names
+
+
+CASE_IDS = ["caps", "CAPS", "Caps", "cApS", "a.b-c_d", "A.B-C_D", "x" * 128, "X" * 128, "0", "Z9"]
+
+
+def test_file_names_are_injective_even_when_the_file_system_folds_case():
+    stems = [cachestore.file_stem(a) for a in CASE_IDS]
+    assert len({s.lower() for s in stems}) == len(CASE_IDS)  # distinct on macOS too
+    assert all(s == s.lower() for s in stems)
+    assert [cachestore.agent_for_stem(s) for s in stems] == CASE_IDS
+    assert cachestore.file_stem("caps") == "caps"  # lowercase ids keep their old file names
+    longest = f".{cachestore.file_stem('X' * 128)}.4194304-{'f' * 12}.tmp.safetensors.corrupt"
+    assert len(longest.encode()) <= 255  # NAME_MAX on APFS and ext4
+
+
+@pytest.mark.parametrize("stem", ["CAPS", "caps^0f", "caps^", "ca^f", "caps^zzzzzzz", "1^1", ".x", "a^1^1"])
+def test_names_no_id_maps_to_are_not_agents(stem):
+    assert cachestore.agent_for_stem(stem) is None
+
+
+def test_case_only_different_ids_keep_their_own_cache_on_a_case_insensitive_fs(store, monkeypatch, caplog):
+    """As macOS would: the file system finds a file whatever the case of its name."""
+    real_path_for = CacheStore.path_for
+
+    def folding_path_for(self, agent_id, model_tag):
+        path = real_path_for(self, agent_id, model_tag)
+        return path.with_name(path.name.lower())
+
+    monkeypatch.setattr(CacheStore, "path_for", folding_path_for)
+    upper, lower = make_snapshot(agent="CAPS", seed=1), make_snapshot(agent="caps", seed=2)
+    store.save(upper)
+    store.save(lower)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert_snap_equal(store.load("CAPS", TAG), upper)
+        assert_snap_equal(store.load("caps", TAG), lower)
+    assert warnings_from(caplog) == []  # nothing quarantined
+    assert store.list_agents(TAG) == ["CAPS", "caps"]
+
+
+# --------------------------------------------------------------------------- the index
+
+
+def test_index_is_built_at_open_and_answers_without_reading_the_directory(tmp_path, monkeypatch):
+    first = CacheStore(tmp_path / "kv")
+    sizes = {a: first.save(make_snapshot(agent=a)) for a in ("alpha", "Beta")}
+    d = tmp_path / "kv" / TAG
+    (d / "Legacy.safetensors").write_bytes(b"x" * 10)  # an uppercase id under the old naming
+    (d / "gone.safetensors.corrupt").write_bytes(b"x" * 20)
+    (d / f".alpha.{os.getpid()}-abcdef012345.tmp.safetensors").write_bytes(b"x" * 30)  # a live writer's
+    (d / "notes.txt").write_bytes(b"x" * 40)
+
+    store = CacheStore(tmp_path / "kv", disk_budget_bytes=1 << 30)
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("the directory was listed")
+
+    monkeypatch.setattr(os, "scandir", no_listing)
+    monkeypatch.setattr(os, "listdir", no_listing)
+    index = store.index(TAG)
+    assert store.list_agents(TAG) == ["Beta", "alpha"]
+    assert store.nbytes_on_disk(TAG) == sum(sizes.values()) + 100
+    assert index.count == 6 and index.junk_count == 2
+    kinds = {f.name: (f.owner, f.junk) for f in index.files()}
+    assert kinds["Legacy.safetensors"] == (None, True)  # never loaded again; first to go
+    assert kinds["beta^1.safetensors"] == ("Beta", False)
+    assert kinds["notes.txt"] == (None, False)  # not ours: counted, never removed
+
+
+def test_index_follows_saves_quarantines_and_removals(store):
+    _, path = _saved(store)
+    index = store.index(TAG)
+    assert index.get(path.name).owner == "victim"
+    path.write_bytes(b"junk!")
+    assert store.load("victim", TAG) is None
+    assert index.get(path.name) is None
+    corrupt = index.get(path.name + ".corrupt")
+    assert corrupt.junk and corrupt.size == 5
+    size = store.save(make_snapshot(agent="other"))
+    assert store.remove(TAG, [corrupt, index.get("other.safetensors")]) == 5 + size
+    assert index.count == 0 and list(path.parent.iterdir()) == []
