@@ -681,7 +681,7 @@ class BlockStore:
     def _open(self) -> None:
         """Index every file under the tag dir (headers only); sweep dead temp files."""
         now = time.time()
-        try:  # files directly in the tag dir are not ours, but they count against the budget
+        try:  # files directly in the tag dir count against the budget too
             top = [e for e in os.scandir(self.dir) if e.is_file(follow_symlinks=False)]
         except OSError:
             top = []
@@ -690,7 +690,10 @@ class BlockStore:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            self.index.put(DiskFile(entry.name, st.st_size, st.st_mtime))
+            # Whole-cache files of earlier greenroom versions (and their .corrupt and temp
+            # files) are junk now: never loaded, the first to go when the budget needs room.
+            legacy = entry.name.endswith((SUFFIX, CORRUPT_SUFFIX)) or _TMP_RE.match(entry.name) is not None
+            self.index.put(DiskFile(entry.name, st.st_size, st.st_mtime, junk=legacy))
         for sub, d in self._dirs.items():
             try:
                 entries = list(os.scandir(d))

@@ -52,7 +52,9 @@ array on a thread other than the one that built its graph fails with
 evaluated carry no graph and may be used from any thread. Hence:
 
 * ``snapshot_from_cache`` slices, compacts and ``mx.eval``s on the calling
-  (model) thread, so a snapshot holds only evaluated arrays;
+  thread (the server calls it on an I/O thread: the caches it is given are
+  evaluated, which the engine guarantees when a turn ends), so a snapshot holds
+  only evaluated arrays;
 * ``save`` only reads evaluated buffers (plus, for hand-built snapshots with
   lazy/non-contiguous arrays, builds and evaluates copies on its own thread);
 * ``load`` evaluates everything ``mx.load`` returns before returning, so the

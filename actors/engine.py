@@ -1,154 +1,242 @@
 """BatchEngine: the mechanism under the model actor.
 
-It executes one StepPlan at a time on mlx-lm's BatchGenerator, which does the
-real work (continuous batching over BatchKVCache merge/extract/filter, chunked
-prefill interleaved with decode). The engine only maps greenroom's turn ids to
-the generator's uids and turns its responses into a StepResult. Not thread
-safe: only the model actor's thread calls it.
+It executes one StepPlan at a time; the scheduler decides everything in it (who
+joins, who leaves, how many prompt tokens each prefilling sequence processes).
+A step is:
+
+1. leaves: the sequence's cache goes back as it is (no copy);
+2. joins: a sequence starts from the cache it brings (or an empty one);
+3. prefill: each planned chunk is one model call on that sequence's own cache
+   (its logits are never evaluated: only the keys and values matter);
+4. decode: every sequence whose prompt is in the cache (but its last token)
+   contributes one input token to one batched model call (actors/ragged.py),
+   and picks its next token with its own sampling settings and grammar
+   (actors/sampling.py, actors/constraint.py).
+
+It uses mlx-lm's public pieces only: the model call, KVCache (update_and_fetch,
+trim, offset) and the sampling utilities. Not thread safe: only the model
+actor's thread calls it.
 """
 
 from __future__ import annotations
 
-import os
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
-from mlx_lm.sample_utils import apply_top_p
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from actors import ragged
+from actors.constraint import apply_bitmask, fill_rows
+from actors.kvblocks import KVPieces, assemble, cut
 from actors.loading import LoadedModel
-from actors.prefill_budget import PrefillBudget, Prefilling, rows_and_area, tokens_in_step
-from actors.messages import SamplingParams, SeqEnd, SeqInsert, StepPlan, StepResult, TurnStatus
+from actors.messages import SeqEnd, SeqInsert, StepPlan, StepResult, TokenOut, TurnStatus
+from actors.prefix_pool import BLOCK_TOKENS
+from actors.sampling import SeqSampler, make_seq_sampler, pick_tokens
 
-_FINISH = {"stop": TurnStatus.FINISHED_STOPPED, "length": TurnStatus.FINISHED_LENGTH}
+# KV caches grow in steps of this many tokens while decoding (mlx-lm's own step).
+DECODE_GROWTH = 256
 
 
-def make_sampler(params: SamplingParams):
-    """None means greedy: BatchGenerator then samples the whole batch in one call.
+@dataclass(slots=True)
+class _Seq:
+    turn_id: int
+    cache: list  # one mlx-lm KVCache per layer, holding exactly `tokens`
+    tokens: list[int]
+    pending: list[int]  # not in the cache yet; once decoding, the one next input
+    max_tokens: int
+    sampler: SeqSampler
+    constraint: Any = None  # actors.constraint.Constraint
+    generated: int = 0
+    decoding: bool = False
+    recent: list[int] = field(default_factory=list)  # for the penalties
 
-    Otherwise each sequence gets its own PRNG key, so a seeded request samples
-    the same tokens whatever else shares its batch.
-    """
-    if params.greedy:
-        return None
-    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-    state = {"key": mx.random.key(seed)}
-    inv_temp = 1.0 / params.temperature
-    top_p = params.top_p
 
-    def sample(logprobs: mx.array) -> mx.array:
-        state["key"], key = mx.random.split(state["key"])
-        if 0.0 < top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * inv_temp, key=key)
-
-    return sample
+class EngineError(RuntimeError):
+    """A plan the engine cannot execute (a scheduler bug, never the client's)."""
 
 
 class BatchEngine:
-    def __init__(self, loaded: LoadedModel, *, max_batch: int, prefill_chunk: int):
-        eos = sorted(loaded.tokenizer.eos_token_ids)
+    def __init__(self, loaded: LoadedModel, *, max_batch: int = 8, prefill_chunk: int = 256):
         self.loaded = loaded
-        self.generator = BatchGenerator(
-            loaded.model,
-            stop_tokens=[[t] for t in eos],
-            completion_batch_size=max_batch,
-            prefill_batch_size=max_batch,
-            prefill_step_size=prefill_chunk,
-        )
-        self.budget = PrefillBudget(prefill_chunk)
-        self._uid_of: dict[int, int] = {}
-        self._turn_of: dict[int, int] = {}
+        self.model = loaded.model
+        self.eos = frozenset(loaded.tokenizer.eos_token_ids)
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.ragged = ragged.install(self.model)
+        self.seqs: dict[int, _Seq] = {}
+        self._bitmask = None
 
     def __len__(self) -> int:
-        return len(self._uid_of)
+        return len(self.seqs)
+
+    # ------------------------------------------------------------ a step
 
     def step(self, plan: StepPlan, *, fault: bool = False) -> StepResult:
         started = time.perf_counter()
         if fault:
             raise RuntimeError("injected fault in the model step")
-        ended = self._remove(plan.removes)
-        self._insert(plan.inserts)
-        tokens: list[tuple[int, int]] = []
-        counters = self.generator._counters
-        prefill_before, prefill_time_before = counters.prompt_tokens, counters.prompt_time
-        if self._uid_of:
-            planned = self._plan_prefill()
-            _, responses = self.generator.next()
-            if planned is not None and counters.prompt_tokens - prefill_before == planned[0]:
-                self.budget.observe(*planned[1:], counters.prompt_time - prefill_time_before)
-            for r in responses:
-                turn_id = self._turn_of[r.uid]
-                tokens.append((turn_id, r.token))
-                if r.finish_reason is not None:
-                    self._forget(r.uid)
-                    status = _FINISH.get(r.finish_reason, TurnStatus.FINISHED_STOPPED)
-                    ended.append(SeqEnd(turn_id, status, r.prompt_cache, tuple(r.all_tokens)))
+        ended = [self._end(self.seqs[t], TurnStatus.FINISHED_ABORTED) for t in plan.removes if t in self.seqs]
+        for insert in plan.inserts:
+            self._insert(insert)
+        prefill_tokens = self._prefill(plan.prefill)
+        published = self._publish(plan.publish)
+        prefill_seconds = time.perf_counter() - started
+        tokens, finished = self._decode(frozenset(plan.paused))
+        ended += finished
         return StepResult(
             tokens=tuple(tokens),
             ended=tuple(ended),
-            prefill_tokens=counters.prompt_tokens - prefill_before,
+            prefill_tokens=prefill_tokens,
             decode_tokens=len(tokens),
             seconds=time.perf_counter() - started,
+            prefill_seconds=prefill_seconds,
+            published=published,
         )
-
-    def _plan_prefill(self) -> tuple[int, float, float] | None:
-        """Set the generator's chunk for the coming step from the prefill budget.
-
-        Returns (tokens, rows, area) the step should prefill, for the budget's fit. This
-        reads BatchGenerator's queues (private in mlx-lm 0.32); if they change shape
-        the engine falls back to the fixed chunk rather than failing the step."""
-        gen = self.generator
-        try:
-            seqs = [Prefilling(len(tokens), sum(map(len, work[0])) - 1)
-                    for tokens, work in zip(gen._prompt_batch.tokens, gen._currently_processing)]
-            joining = min(gen.prefill_batch_size - len(gen._prompt_batch),
-                          gen.completion_batch_size - len(gen._generation_batch),
-                          len(gen._unprocessed_sequences))
-            seqs += [Prefilling(len(q[4]), sum(map(len, q[1])) - 1)
-                     for q in list(gen._unprocessed_sequences)[:max(joining, 0)]]
-            decoding = len(gen._generation_batch) > 0
-        except (AttributeError, TypeError, IndexError):
-            gen.prefill_step_size = self.budget.chunk
-            return None
-        seqs = [s for s in seqs if s.remaining > 0]
-        n = self.budget.tokens_per_sequence(seqs, decoding)
-        # The prompt batch keeps the step size it was made with for its inner loop.
-        gen.prefill_step_size = gen._prompt_batch.prefill_step_size = n
-        return (tokens_in_step(seqs, n), *rows_and_area(seqs, n))
-
-    def _insert(self, inserts: tuple[SeqInsert, ...]) -> None:
-        if not inserts:
-            return
-        uids = self.generator.insert(
-            [list(i.suffix) for i in inserts],
-            max_tokens=[i.max_tokens for i in inserts],
-            caches=[i.cache if i.cache else None for i in inserts],
-            all_tokens=[list(i.cached) for i in inserts],
-            samplers=[make_sampler(i.params) for i in inserts],
-        )
-        for uid, ins in zip(uids, inserts):
-            self._uid_of[ins.turn_id] = uid
-            self._turn_of[uid] = ins.turn_id
-
-    def _remove(self, turn_ids: tuple[int, ...]) -> list[SeqEnd]:
-        uids = [self._uid_of[t] for t in turn_ids if t in self._uid_of]
-        if not uids:
-            return []
-        extracted = self.generator.remove(uids, return_prompt_caches=True)
-        ended = []
-        for uid in uids:
-            cache, tokens = extracted.get(uid, (None, []))
-            ended.append(
-                SeqEnd(self._forget(uid), TurnStatus.FINISHED_ABORTED, cache, tuple(tokens))
-            )
-        return ended
-
-    def _forget(self, uid: int) -> int:
-        turn_id = self._turn_of.pop(uid)
-        del self._uid_of[turn_id]
-        return turn_id
 
     def abort_all(self) -> list[SeqEnd]:
         """Take every sequence out (drain deadline, model swap); caches go back."""
-        return self._remove(tuple(self._uid_of))
+        return [self._end(seq, TurnStatus.FINISHED_ABORTED) for seq in list(self.seqs.values())]
+
+    def reset(self) -> int:
+        """Forget every sequence (after a failed step: their caches are suspect)."""
+        n = len(self.seqs)
+        self.seqs.clear()
+        mx.clear_cache()
+        return n
+
+    # ------------------------------------------------------------ joins and leaves
+
+    def _insert(self, ins: SeqInsert) -> None:
+        if ins.turn_id in self.seqs:
+            raise EngineError(f"turn {ins.turn_id} is already running")
+        if not ins.suffix:
+            raise EngineError(f"turn {ins.turn_id} has nothing to prefill")
+        self.seqs[ins.turn_id] = _Seq(
+            turn_id=ins.turn_id,
+            cache=self._own_cache(ins.cache, len(ins.cached), len(ins.suffix)),
+            tokens=list(ins.cached),
+            pending=list(ins.suffix),
+            max_tokens=ins.max_tokens,
+            sampler=make_seq_sampler(ins.params),
+            constraint=ins.constraint,
+            decoding=len(ins.suffix) == 1,
+            recent=list(ins.cached[-64:]) + list(ins.suffix[-64:]),
+        )
+
+    def _own_cache(self, cache, n: int, coming: int) -> list:
+        """The sequence's own KVCache per layer, holding its n cached tokens with room for
+        the `coming` prompt tokens: assembled from pool blocks and a branch's tail
+        (KVPieces), or views of a cache it brings (the first write then copies, so
+        whoever else holds those arrays never sees it change)."""
+        if not cache:
+            return make_prompt_cache(self.model)
+        if isinstance(cache, KVPieces):
+            if cache.tokens != n:
+                raise EngineError(f"the pieces hold {cache.tokens} tokens, the turn says {n}")
+            return assemble(cache, reserve=coming)
+        own = []
+        for layer in cache:
+            if layer.offset != n:
+                raise EngineError(f"cache holds {layer.offset} tokens, the turn says {n}")
+            copy = KVCache()
+            copy.keys, copy.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+            copy.offset = n
+            own.append(copy)
+        return own
+
+    def _end(self, seq: _Seq, status: TurnStatus) -> SeqEnd:
+        del self.seqs[seq.turn_id]
+        # Evaluated here, on the model thread: the cache's arrays may then be used
+        # (saved, restored, joined) from any thread.
+        mx.eval([c.state for c in seq.cache])
+        return SeqEnd(seq.turn_id, status, seq.cache, tuple(seq.tokens))
+
+    # ------------------------------------------------------------ prefill
+
+    def _prefill(self, chunks: tuple[tuple[int, int], ...]) -> int:
+        states, total = [], 0
+        for turn_id, n in chunks:
+            seq = self.seqs.get(turn_id)
+            if seq is None or seq.decoding or not 0 < n < len(seq.pending):
+                raise EngineError(f"bad prefill chunk {n} for turn {turn_id}")
+            chunk, seq.pending = seq.pending[:n], seq.pending[n:]
+            _reserve(seq.cache, len(chunk) + len(seq.pending))
+            self.model(mx.array([chunk]), cache=seq.cache)
+            seq.tokens += chunk
+            if len(seq.pending) == 1:
+                seq.decoding = True
+                _reserve(seq.cache, 0)
+            states += [c.state for c in seq.cache]
+            total += n
+        if states:
+            mx.eval(states)
+        return total
+
+    def _publish(self, ranges: tuple[tuple[int, int, int], ...]) -> tuple:
+        """Copies of prefilled prompt blocks, one array per BLOCK_TOKENS tokens."""
+        out = []
+        for turn_id, start, end in ranges:
+            seq = self.seqs.get(turn_id)
+            if seq is None or end > len(seq.tokens):
+                raise EngineError(f"cannot publish tokens {start}:{end} of turn {turn_id}")
+            for at in range(start, end, BLOCK_TOKENS):
+                out.append((turn_id, at, cut(seq.cache, at, at + BLOCK_TOKENS)))
+        return tuple(out)
+
+    # ------------------------------------------------------------ decode
+
+    def _decode(self, paused: frozenset[int]) -> tuple[list[tuple[int, TokenOut]], list[SeqEnd]]:
+        batch = [s for s in self.seqs.values() if s.decoding and s.turn_id not in paused]
+        if not batch:
+            return [], []
+        inputs = [s.pending[0] for s in batch]
+        constrained = [(s.constraint, i) for i, s in enumerate(batch) if s.constraint is not None]
+        if self.ragged:
+            logits = self.model(mx.array([[t] for t in inputs]), cache=ragged.ragged_caches([s.cache for s in batch]))
+        else:  # one sequence at a time (models without the ragged seam)
+            logits = mx.concatenate(
+                [self.model(mx.array([[t]]), cache=s.cache) for t, s in zip(inputs, batch)], axis=0
+            )
+        logits = logits[:, -1, :]
+        if constrained:
+            bitmask = self._mask(len(batch))
+            fill_rows(constrained, bitmask)
+            logits = apply_bitmask(logits, bitmask, [row for _, row in constrained])
+        picked = pick_tokens(logits, [s.sampler for s in batch], [s.recent for s in batch])
+        out, ended = [], []
+        for seq, token_in, p in zip(batch, inputs, picked):
+            seq.tokens.append(token_in)
+            seq.pending = [p.token]
+            seq.recent = (seq.recent + [p.token])[-64:]
+            seq.generated += 1
+            out.append((seq.turn_id, TokenOut(p.token, p.logprob, p.top)))
+            status = self._finish(seq, p.token)
+            if status is not None:
+                ended.append(self._end(seq, status))
+        return out, ended
+
+    def _finish(self, seq: _Seq, token: int) -> TurnStatus | None:
+        if token in self.eos:
+            return TurnStatus.FINISHED_STOPPED
+        if seq.constraint is not None:
+            if not seq.constraint.consume(token) or seq.constraint.finished:
+                return TurnStatus.FINISHED_STOPPED
+        if seq.generated >= seq.max_tokens:
+            return TurnStatus.FINISHED_LENGTH
+        return None
+
+    def _mask(self, rows: int):
+        if self._bitmask is None or self._bitmask.shape[0] < rows:
+            compiler = self.loaded.constraints
+            self._bitmask = compiler.allocate_bitmask(max(rows, self.max_batch))
+        return self._bitmask
+
+
+def _reserve(cache: list, tokens: int) -> None:
+    """Grow each layer's arrays once for the `tokens` about to come (a whole prompt)
+    instead of in 256-token steps, each of which copies the whole cache."""
+    step = max(DECODE_GROWTH, -(-tokens // DECODE_GROWTH) * DECODE_GROWTH)
+    for layer in cache:
+        layer.step = step

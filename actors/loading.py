@@ -46,6 +46,10 @@ class LoadedModel:
     context_length: int
     dtype: str
     load_seconds: float
+    # Sampling defaults of the model's own generation_config.json (temperature, top_p,
+    # top_k, min_p, repetition_penalty), used when a request sets none.
+    generation_defaults: dict = field(default_factory=dict, repr=False)
+    constraints: Any = field(default=None, repr=False)  # actors.constraint.ConstraintCompiler
 
 
 def on_cpu() -> bool:
@@ -68,6 +72,7 @@ def embedded_gguf_path() -> Path:
 def load(source: str | None = None) -> LoadedModel:
     """Load `source`: None for the embedded model, a .gguf file, an mlx-lm folder or repo id."""
     started = time.perf_counter()
+    defaults: dict = {}
     if source is None:
         path = embedded_gguf_path()
         model, tokenizer, config, identity = _load_gguf(path)
@@ -79,7 +84,7 @@ def load(source: str | None = None) -> LoadedModel:
         model, tokenizer, config, identity = _load_gguf(path)
         name = path.stem
     else:
-        model, tokenizer, config, identity = _load_mlx_lm(source)
+        model, tokenizer, config, identity, defaults = _load_mlx_lm(source)
         name = Path(source).name if Path(source).expanduser().is_dir() else source
     if on_cpu():
         model = _to_float32(model)
@@ -89,6 +94,8 @@ def load(source: str | None = None) -> LoadedModel:
     dtype = _param_dtype(model)
     n_layers, kv_bytes = _kv_geometry(model, config, dtype)
     tag = _model_tag(identity, dtype)
+    from actors.constraint import ConstraintCompiler
+
     return LoadedModel(
         name=name,
         source=source,
@@ -100,6 +107,8 @@ def load(source: str | None = None) -> LoadedModel:
         context_length=int(config.get("max_position_embeddings") or 8192),
         dtype=dtype,
         load_seconds=time.perf_counter() - started,
+        generation_defaults=defaults,
+        constraints=ConstraintCompiler(tokenizer),
     )
 
 
@@ -122,7 +131,25 @@ def _load_mlx_lm(source: str):
     identity.update(json.dumps(config, sort_keys=True, default=str).encode())
     for weights in sorted(model_path.glob("*.safetensors")):
         identity.update(_file_fingerprint(weights))
-    return model, tokenizer, config, identity.hexdigest()
+    return model, tokenizer, config, identity.hexdigest(), _generation_defaults(model_path)
+
+
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _generation_defaults(model_path: Path) -> dict:
+    """The sampling settings in the folder's generation_config.json (absent: none)."""
+    try:
+        config = json.loads((Path(model_path) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or config.get("do_sample") is False:
+        return {"temperature": 0.0} if isinstance(config, dict) else {}
+    return {
+        k: config[k]
+        for k in SAMPLING_DEFAULTS
+        if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)
+    }
 
 
 def _file_fingerprint(path: Path, chunk: int = 1 << 16) -> bytes:

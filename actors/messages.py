@@ -1,14 +1,13 @@
 """Every message between greenroom's actors, as frozen slotted dataclasses.
 
-Reply channels (asyncio queues / futures) travel inside messages; the data
-itself is immutable. A KV cache slice (a list of mlx-lm KVCache objects) is the
-one mutable thing that moves: it belongs to exactly one owner at a time (the
-session at rest, the scheduler's batch during a turn).
+The data is immutable. A turn itself (actors/turn.py) is an object that moves
+from owner to owner (gateway, session, scheduler); the KV a turn starts from
+is a reference to immutable arrays (pool blocks, a branch's tail), and a running
+sequence's own KV cache lives in the engine until the turn ends.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,28 +97,7 @@ class TurnStatus(enum.IntEnum):
         return self >= TurnStatus.FINISHED_STOPPED
 
 
-# ---------------------------------------------------------------- gateway <-> session
-
-
-@dataclass(frozen=True, slots=True)
-class ChatTurn:
-    """Ask a session to run one chat turn.
-
-    The session answers on `events` (TurnRejected, or TextDelta / ReasoningDelta /
-    ToolCallEvent ... then TurnDone).
-    `inbox` is the session's channel for this turn: the scheduler's TokenOut and
-    SequenceEnded arrive there, and the gateway puts CancelRequested there when
-    the client goes away.
-    """
-
-    request: ChatRequest
-    events: asyncio.Queue = field(compare=False)
-    inbox: asyncio.Queue = field(compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class CancelRequested:
-    """The client went away (or asked to stop): end the turn at the next step."""
+# ---------------------------------------------------------------- what a turn tells its client
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,37 +158,14 @@ class TurnDone:
     stop_sequence: str | None = None  # the stop string that ended the turn, if one did
 
 
-# ---------------------------------------------------------------- session <-> scheduler
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitTurn:
-    turn_id: int
-    agent_id: str
-    suffix: tuple[int, ...]  # tokens to prefill (never empty)
-    cache: list[Any] | None = field(compare=False)  # the session's KV slice, len == len(cached)
-    cached: tuple[int, ...]  # tokens the slice holds
-    params: SamplingParams
-    max_tokens: int
-    sink: asyncio.Queue = field(compare=False)  # gets TokenOut ... then SequenceEnded
-
-
-@dataclass(frozen=True, slots=True)
-class CancelTurn:
-    turn_id: int
+# ---------------------------------------------------------------- model -> scheduler -> turn
 
 
 @dataclass(frozen=True, slots=True)
 class TokenOut:
     token: int
-
-
-@dataclass(frozen=True, slots=True)
-class SequenceEnded:
-    status: TurnStatus
-    cache: list[Any] | None = field(compare=False)  # ownership returns to the session
-    tokens: tuple[int, ...]  # what `cache` holds
-    error: str | None = None
+    logprob: float | None = None  # when the turn asked for logprobs
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) alternatives, best first
 
 
 # ---------------------------------------------------------------- scheduler <-> model
@@ -220,18 +175,26 @@ class SequenceEnded:
 class SeqInsert:
     turn_id: int
     suffix: tuple[int, ...]
-    cache: list[Any] | None = field(compare=False)
+    cache: Any = field(compare=False)  # actors.kvblocks.KVPieces of `cached` (or KVCache list), or None
     cached: tuple[int, ...]
     params: SamplingParams
     max_tokens: int
+    constraint: Any = field(default=None, compare=False)  # actors.constraint.Constraint
 
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
-    """One tick: who leaves, who joins, then one batched step of the model."""
+    """One tick, all decided by the scheduler: who leaves, who joins, how many prompt
+    tokens each prefilling sequence processes; then every sequence whose prompt is in
+    its cache decodes one token."""
 
     inserts: tuple[SeqInsert, ...] = ()
     removes: tuple[int, ...] = ()
+    prefill: tuple[tuple[int, int], ...] = ()  # (turn id, tokens) chunks, in this order
+    paused: tuple[int, ...] = ()  # decoding turns that skip this step (their client reads slowly)
+    # (turn id, start, end): copy these prefilled prompt tokens out as pool blocks
+    # (actors/prefix_pool.py), so turns sharing the prefix can start from them.
+    publish: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,11 +207,13 @@ class SeqEnd:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    tokens: tuple[tuple[int, int], ...]  # (turn_id, token) generated this step
+    tokens: tuple[tuple[int, TokenOut], ...]  # (turn_id, token) generated this step
     ended: tuple[SeqEnd, ...]  # finished or removed sequences, with their caches
     prefill_tokens: int
     decode_tokens: int
     seconds: float
+    prefill_seconds: float = 0.0  # of `seconds`, the prefill chunks'
+    published: tuple[tuple[int, int, Any], ...] = ()  # (turn id, start, block kv) per block
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,15 +108,14 @@ class ModelActor(Actor):
         try:
             return await self._on_thread(self._engine.step, plan, fault=fault)
         except Exception as exc:
-            # A failed step leaves the batch's caches in an unknown state: crash, and
-            # let the supervisor restart us with a fresh engine (the asker sees the error).
-            self.spawn(_reraise(exc))
+            # A failed step leaves the batch's caches in an unknown state, not the
+            # weights: drop every sequence (the scheduler ends their turns with an
+            # error, the sessions fall back to their saved caches) and keep serving.
+            dropped = await self._on_thread(self._engine.reset)
+            log.error("model step failed (%s: %s); dropped the batch of %d", type(exc).__name__, exc, dropped)
             raise
 
     async def _on_thread(self, fn: Callable, *args, **kwargs):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
 
-
-async def _reraise(exc: Exception) -> None:
-    raise exc

@@ -18,7 +18,7 @@ Contract (what a client sees):
   parsed as it stands (as mlx_lm.server does).
 - Feeding the text in any chunks gives the same result as feeding it at once (the
   events' texts concatenate to the same strings, the calls are the same).
-Stop strings are not handled here (actors/session.py StopMatcher).
+Stop strings are not handled here (actors/turn_output.py StopMatcher).
 """
 
 from __future__ import annotations

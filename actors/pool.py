@@ -7,12 +7,12 @@ would exceed the budget it hibernates idle sessions, least recently used
 first: stopping a session saves its cache, and the next message activates it
 again from disk.
 
-Persistence is the disk side for one model tag: restore, and a coalesced
-write-behind after every turn. Saves are versioned so that an older snapshot
-finishing late on the I/O thread never overwrites a newer one. Before each write
-it makes room under the disk budget (actors.diskbudget): junk first, then the
-files of agents that are not active, least recently used first; the pool tells
-it which agents are active (in memory, being restored, or writing).
+Persistence is the disk side for one model tag (actors/blockstore.py): restore,
+and a coalesced write-behind after every turn. Saves are versioned so that an
+older version finishing late on the I/O thread never overwrites a newer one. The
+store keeps under the disk budget (junk first, then the files of agents that are
+not active, least recently used first); the pool tells it which agents are
+active (in memory or being restored).
 """
 
 from __future__ import annotations
@@ -20,23 +20,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from actors.cachestore import (
-    CacheSnapshot,
-    CacheStore,
-    cache_from_snapshot,
-    estimated_file_size,
-    file_name,
-    snapshot_from_cache,
-)
-from actors.diskbudget import BudgetExceeded, DiskFile, Plan
-from actors.messages import RunOnModelThread
+from actors.blockstore import BlockStore, SavedAgent, SavedBranch
+from actors.branches import Branch
+from actors.diskbudget import BudgetExceeded
+from actors.prefix_pool import BLOCK_TOKENS
 from actors.session import SaveNow
 from runtime.supervision import ChildSpec, Restart
 from runtime.errors import ActorError
@@ -49,7 +42,7 @@ IO_THREADS = 2  # the server's disk I/O executor (cache loads and saves)
 def close_io(io: ThreadPoolExecutor, workers: int = IO_THREADS) -> None:
     """Let the pending file writes finish, then stop the I/O threads.
 
-    CacheStore.load/save run MLX on these threads, and MLX keeps per-thread streams
+    The block store's loads and saves run MLX on these threads, and MLX keeps per-thread streams
     that must be freed on their own thread before it ends: left to process exit they
     abort it now and then ("terminate called without an active exception", mlx#3126).
     The barrier makes the clean-up land once on every worker. Blocking."""
@@ -70,153 +63,132 @@ def close_io(io: ThreadPoolExecutor, workers: int = IO_THREADS) -> None:
 
 
 class Persistence:
-    def __init__(self, store: CacheStore, model: Any, model_tag: str, io: ThreadPoolExecutor):
+    """The disk side for one model tag (actors/blockstore.py): each agent's branches as
+    one small file (tokens, block keys, private tails) and the shared blocks written
+    once, content-addressed. Every store call runs on the I/O threads."""
+
+    def __init__(self, store: BlockStore, io: ThreadPoolExecutor):
         self.store = store
-        self.model = model  # ActorRef: MLX evaluation happens on the model thread
-        self.model_tag = model_tag
+        self.model_tag = store.model_tag
         self.io = io
         self._versions = itertools.count(1)
-        self._written: dict[str, int] = {}
+        self._written: dict[str, int] = {}  # agent -> version on disk (an older write never wins)
         self._locks: dict[str, threading.Lock] = {}
-        # agent id -> (tokens, future) of the file write on the I/O thread right now
-        self._inflight: dict[str, tuple[tuple[int, ...], asyncio.Future]] = {}
+        # agent id -> (branch tokens, future) of the write on the I/O thread right now
+        self._inflight: dict[str, tuple[tuple, asyncio.Future]] = {}
         self.saves = 0
         self.save_errors = 0
-        # The tag dir's files (kept by the store) and the cap on them (None: no cap).
-        self.index = store.index(model_tag)
-        self.budget = store.budget
-        # Agents whose files must stay (the SessionPool sets this to its live sessions).
-        self.active_agents: Callable[[], Iterable[str]] = tuple
 
-    async def restore(self, agent_id: str):
+    @classmethod
+    async def open(cls, root, model_tag: str, io: ThreadPoolExecutor, disk_budget_bytes: int | None):
+        """Open (index) the tag's store off the event loop."""
         loop = asyncio.get_running_loop()
-        snap = await loop.run_in_executor(self.io, self.store.load, agent_id, self.model_tag)
-        if snap is None:
-            if self.budget is not None and self.budget.was_evicted(agent_id):
+        store = await loop.run_in_executor(
+            io, lambda: BlockStore(root, model_tag, block_tokens=BLOCK_TOKENS, disk_budget_bytes=disk_budget_bytes)
+        )
+        return cls(store, io)
+
+    @property
+    def active_agents(self) -> Callable[[], Iterable[str]]:
+        return self.store.pinned
+
+    @active_agents.setter
+    def active_agents(self, agents: Callable[[], Iterable[str]]) -> None:
+        # The store asks on its I/O threads: hand it a snapshot, never a live view.
+        self.store.pinned = lambda: frozenset(agents())
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+    async def restore(self, agent_id: str, branches) -> list:
+        """The agent's saved branches (`branches` is the session's actors.branches.Branches):
+        blocks the prefix pool holds are shared, the others read from disk and added to
+        it; a branch ends at its first block that cannot be read. [] when none."""
+        loop = asyncio.get_running_loop()
+        saved = await loop.run_in_executor(self.io, self.store.load_agent, agent_id)
+        if saved is None:
+            if self.store.was_evicted(agent_id):
                 log.info("%s starts cold: its saved cache was evicted to stay under the disk budget", agent_id)
-            return None
-        cache = await self.model.ask(RunOnModelThread(lambda: cache_from_snapshot(snap)), timeout=60)
-        log.info("restored %s: %d cached tokens", agent_id, len(snap.tokens))
-        return cache, tuple(snap.tokens)
+            return []
+        pool = branches.pool
+        wanted = {k for b in saved.branches for k in b.block_keys if k not in pool.blocks}
+        read = await loop.run_in_executor(self.io, self.store.load_blocks, wanted) if wanted else {}
+        restored = []
+        for saved_branch in saved.branches:
+            blocks = []
+            for key in saved_branch.block_keys:
+                kv = read.get(key)
+                block = pool.blocks.get(key) if kv is None else pool.add(key, kv)
+                if block is None:
+                    break
+                blocks.append(block)
+            if len(blocks) < len(saved_branch.block_keys):  # cut at the first missing block
+                log.warning("%s: a branch is cut to %d cached tokens (a block is missing on disk)",
+                            agent_id, len(blocks) * BLOCK_TOKENS)
+                tokens, tail = saved_branch.tokens[: len(blocks) * BLOCK_TOKENS], None
+            else:
+                tokens, tail = saved_branch.tokens, saved_branch.tail
+            if tokens:
+                pool.acquire(blocks)
+                restored.append(Branch(tuple(tokens), blocks, tail))
+        log.info("restored %s: %d branches, %d cached tokens", agent_id, len(restored),
+                 sum(len(b.tokens) for b in restored))
+        return restored
 
-    def _capture(self, cache: list, tokens: tuple[int, ...]):
-        """Freeze what to save now, without MLX ops: arrays made on the model thread
-        must be sliced there. The session may trim (move the offsets of) this cache on
-        its next turn, so the offsets are copied; the arrays themselves never change."""
-        from mlx_lm.models.cache import KVCache
+    async def save_now(self, agent_id: str, branches: tuple) -> bool:
+        """Write the agent's branches now; True once on disk (errors are logged, not
+        raised). Branches never change once made, so the caller may move on at once.
 
-        frozen = []
-        for layer in cache:
-            copy = KVCache()
-            copy.keys, copy.values, copy.offset = layer.keys, layer.values, layer.offset
-            frozen.append(copy)
-        return next(self._versions), frozen, tuple(tokens)
-
-    async def save_now(self, agent_id: str, cache: list, tokens: tuple[int, ...]) -> bool:
-        """Write this cache now; True once it is on disk (errors are logged, not raised).
-        The state is captured before the first await, so the caller may move on.
-
-        If the very same tokens are being written already (a write-behind whose task
+        If the very same branches are being written already (a write-behind whose task
         was cancelled when its session stopped), that write is awaited instead."""
+        if not branches:
+            return True
+        signature = tuple(b.tokens for b in branches)
         inflight = self._inflight.get(agent_id)
-        if inflight is not None and inflight[0] == tuple(tokens):
+        if inflight is not None and inflight[0] == signature:
             try:
                 await asyncio.shield(inflight[1])
                 return True
             except Exception:
                 pass  # it failed: write again below
-        return await self._write(agent_id, *self._capture(cache, tokens))
+        saved = SavedAgent(
+            agent_id,
+            tuple(SavedBranch(b.tokens, tuple(block.key for block in b.blocks), b.tail) for b in branches),
+        )
+        # Every block: the store writes only the ones it does not hold yet.
+        arrays = {block.key: block.kv for b in branches for block in b.blocks}
+        version = next(self._versions)
+        loop = asyncio.get_running_loop()
+        # Shielded: once handed to the I/O thread the write completes regardless.
+        future = loop.run_in_executor(self.io, self._write_sync, version, saved, arrays)
+        self._inflight[agent_id] = (signature, future)
 
-    async def _write(self, agent_id: str, version: int, frozen: list, tokens: tuple[int, ...]) -> bool:
+        def forget(f, agent_id=agent_id):
+            current = self._inflight.get(agent_id)
+            if current is not None and current[1] is f:
+                del self._inflight[agent_id]
+
+        future.add_done_callback(forget)
         try:
-            snap = await self.model.ask(
-                RunOnModelThread(lambda: snapshot_from_cache(agent_id, self.model_tag, tokens, frozen)),
-                timeout=60,
-            )
-            try:
-                plan = self._make_room(snap)
-            except BudgetExceeded as exc:
-                log.warning("not saving the cache of %s (%d tokens): %s", agent_id, len(tokens), exc)
-                return False
-            loop = asyncio.get_running_loop()
-            # Shielded: once handed to the I/O thread the write completes regardless.
-            future = loop.run_in_executor(self.io, self._write_sync, version, snap, plan)
-            self._inflight[agent_id] = (tokens, future)
-
-            def forget(f, agent_id=agent_id):
-                current = self._inflight.get(agent_id)
-                if current is not None and current[1] is f:
-                    del self._inflight[agent_id]
-
-            future.add_done_callback(forget)
-            await asyncio.shield(future)
-            return True
+            return await asyncio.shield(future)
         except Exception as exc:
             self.save_errors += 1
-            log.error("saving cache of %s failed: %s: %s", agent_id, type(exc).__name__, exc)
+            log.error("saving the cache of %s failed: %s: %s", agent_id, type(exc).__name__, exc)
             return False
 
-    def disk_bytes(self, agent_id: str) -> int:
-        """Size of the agent's saved cache (0 if none); blocking, run it in `io`."""
-        try:
-            return os.stat(self.store.path_for(agent_id, self.model_tag)).st_size
-        except (OSError, ValueError):
-            return 0
-
-    def _write_sync(self, version: int, snap: CacheSnapshot, plan: Plan | None = None) -> None:
-        try:
-            if plan is not None:  # the victims left the index already: their files go first
-                self.store.remove(self.model_tag, plan.victims)
-            lock = self._locks.setdefault(snap.agent_id, threading.Lock())
-            with lock:
-                if self._written.get(snap.agent_id, 0) > version:
-                    return  # a newer snapshot is already on disk
-                self.store.save(snap)
-                self._written[snap.agent_id] = version
-                self.saves += 1
-        finally:
-            if plan is not None:
-                self.index.release(plan.ticket)
-
-    # ---- disk budget (on the event loop: planning only reads the in-memory index)
-
-    def _pinned(self, writer: str):
-        """Whose files must stay: active agents, agents being written, the writer."""
-        keep = {*self.active_agents(), *self._inflight, writer}
-        return lambda file: file.owner in keep
-
-    def _make_room(self, snap: CacheSnapshot) -> Plan | None:
-        """Plan the removals that let `snap` fit the disk budget (BudgetExceeded if
-        it cannot); the files go on the I/O thread right before the write."""
-        if self.budget is None:
-            return None
-        incoming = DiskFile(file_name(snap.agent_id), estimated_file_size(snap), time.time(), snap.agent_id)
-        plan = self.budget.plan(self.index, incoming, self._pinned(snap.agent_id))
-        now = time.time()
-        for file in plan.victims:
-            if file.owner is None:
-                log.info("disk budget: removing %s (%d bytes)", file.name, file.size)
-            else:
-                log.info(
-                    "disk budget: evicting the saved cache of %s (%d bytes, last used %.0fs ago); "
-                    "it starts cold next time",
-                    file.owner,
-                    file.size,
-                    now - file.last_used,
-                )
-        return plan
-
-    async def trim(self) -> int:
-        """Bring the tag dir under the budget now (e.g. the budget was lowered since the
-        last run): junk first, then idle agents' files. Returns the bytes freed."""
-        if self.budget is None:
-            return 0
-        victims = self.budget.trim(self.index, self._pinned(""))
-        if not victims:
-            return 0
-        log.info("disk budget: removing %d files to get under %d bytes", len(victims), self.budget.budget_bytes)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.io, self.store.remove, self.model_tag, victims)
+    def _write_sync(self, version: int, saved: SavedAgent, arrays: dict) -> bool:
+        lock = self._locks.setdefault(saved.agent_id, threading.Lock())
+        with lock:
+            if self._written.get(saved.agent_id, 0) > version:
+                return True  # a newer version is already on disk
+            try:
+                self.store.save_agent(saved, arrays)
+            except BudgetExceeded as exc:
+                log.warning("not saving the cache of %s: %s", saved.agent_id, exc)
+                return False
+            self._written[saved.agent_id] = version
+            self.saves += 1
+            return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +213,10 @@ class SessionPool:
         persistence: Persistence | None,
         budget_bytes: int,
         session_factory: Any,
+        prefixes: Any = None,  # actors.prefix_pool.PrefixPool: shared blocks, counted once
     ):
         self.system = system
+        self.prefixes = prefixes
         self.scheduler = scheduler
         self.loaded = loaded
         self.persistence = persistence
@@ -267,6 +241,8 @@ class SessionPool:
             raise RuntimeError("set_model needs every session stopped first")
         self.loaded = loaded
         self.persistence = persistence
+        if self.prefixes is not None:
+            self.prefixes.reset(loaded.tag)
         self._attach(persistence)
 
     async def session(self, agent_id: str):
@@ -281,12 +257,9 @@ class SessionPool:
                 ref = self._live_ref(agent_id)
                 if ref is not None:
                     return ref
-                # Its saved cache comes back into memory: make room for it first.
-                extra = 0
-                if self.persistence is not None:
-                    loop = asyncio.get_running_loop()
-                    extra = await loop.run_in_executor(self.persistence.io, self.persistence.disk_bytes, agent_id)
-                await self.make_room(extra)
+                # Its saved cache comes back into memory: make room first (the budget is
+                # checked again after the restore, when the bytes are known).
+                await self.make_room()
                 return await self._start(agent_id, self.persistence)
         finally:
             entry[1] -= 1
@@ -329,6 +302,8 @@ class SessionPool:
                 await self.system.stop_child(f"session:{agent_id}")
             except KeyError:
                 pass  # it had crashed: the supervisor already forgot it
+            except ActorError:
+                pass  # the whole system is stopping: it stops (and saves) the session itself
 
     async def hibernate(self, agent_id: str) -> bool:
         """Save the session's cache to disk and drop it from memory."""
@@ -347,6 +322,10 @@ class SessionPool:
         dropped instead: the agent's next turn starts cold."""
         async with self._making_room:  # concurrent callers must not both evict for the same need
             while self.resident_bytes() + extra_bytes > self.budget_bytes:
+                if self.prefixes is not None:  # first the shared blocks nobody holds (a cache)
+                    over = self.resident_bytes() + extra_bytes - self.budget_bytes
+                    if self.prefixes.evict(over) >= over:
+                        break
                 idle = [
                     s
                     for s in self.sessions.values()
@@ -365,13 +344,15 @@ class SessionPool:
                     return
 
     def resident_bytes(self) -> int:
-        return sum(s.cache_nbytes for s in self.sessions.values() if s.alive)
+        """KV bytes in memory: every shared block once, plus each session's own bytes."""
+        shared = self.prefixes.nbytes if self.prefixes is not None else 0
+        return shared + sum(s.cache_nbytes for s in self.sessions.values() if s.alive)
 
     def stats(self) -> PoolStats:
         hibernated = 0
         if self.persistence is not None:  # from the in-memory index: no directory read
             live = set(self.sessions)
-            hibernated = sum(1 for a in self.persistence.index.owners() if a not in live)
+            hibernated = sum(1 for a in self.persistence.store.agents() if a not in live)
         return PoolStats(self.budget_bytes, self.resident_bytes(), len(self.sessions), hibernated)
 
     async def save_all(self) -> None:
@@ -403,6 +384,7 @@ class SessionPool:
                     "id": agent_id,
                     "state": "active" if s.in_turn else "idle",
                     "cached_tokens": len(s.tokens),
+                    "branches": len(s.branches.items),
                     "bytes": s.cache_nbytes,
                     "idle_seconds": round(now - s.last_used, 1),
                 }

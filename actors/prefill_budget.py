@@ -11,8 +11,7 @@ steps the engine has run,
 
     prefill seconds ~= a * rows + b * area,   area = sum over sequences of n * (offset + n / 2)
 
-(a: weights, per token row; b: attention, per query-key pair; rows padded as
-mlx-lm pads them) and, while somebody
+(a: weights, per token row; b: attention, per query-key pair) and, while somebody
 is decoding, picks the largest per-sequence chunk n whose estimate stays within
 the cost of one `chunk`-token chunk at the start of a prompt. With nobody
 decoding there is nobody to delay, and the full chunk is used.
@@ -35,10 +34,10 @@ class Prefilling:
 
 
 def rows_and_area(seqs: list[Prefilling], n: int) -> tuple[float, float]:
-    """The compute of a step giving each sequence up to n tokens. Shorter rows are
-    padded to the longest (mlx-lm right-pads a prompt batch), so they cost as much."""
-    width = max((min(n, s.remaining) for s in seqs), default=0)
-    return float(width * len(seqs)), float(sum(width * (s.offset + width / 2) for s in seqs))
+    """The compute of a step giving each sequence up to n tokens (each sequence's
+    chunk is its own model call on its own cache: nothing is padded)."""
+    takes = [(min(n, s.remaining), s.offset) for s in seqs]
+    return float(sum(m for m, _ in takes)), float(sum(m * (offset + m / 2) for m, offset in takes))
 
 
 def tokens_in_step(seqs: list[Prefilling], n: int) -> int:

@@ -1,12 +1,16 @@
-"""SchedulerActor: the batching policy (who joins, who leaves, when to step).
+"""SchedulerActor: the batching policy (who joins, who leaves, how much each prefills).
 
-Sessions submit turns; the scheduler keeps a FIFO of waiting turns and a set of
-running ones. Its step loop builds one StepPlan per tick (cancellations leave,
-waiting turns join up to `max_batch`), asks the model actor to execute it, and
-routes each generated token to the turn's sink. Joins and leaves only happen
-between steps; mlx-lm's BatchGenerator splits long prefills into chunks that
-interleave with everyone's decode, so one agent's long prompt costs the others
-about one chunk per step rather than the whole prefill.
+Sessions submit Turns (actors/turn.py); the scheduler holds each one from then
+until it ends: a FIFO of waiting turns and a set of running ones. Its step loop
+builds one StepPlan per tick (cancelled turns leave, waiting turns join up to
+`max_batch`, each prefilling turn gets a chunk sized by the prefill budget,
+turns whose client reads too slowly are paused), asks the model actor to execute
+it, and hands each generated token to its turn. Joins and leaves only happen
+between steps; one agent's long prompt costs the others about one chunk of
+compute per step rather than the whole prefill.
+
+Whatever ends a turn here (done, cancel, abort, failed or timed-out step,
+scheduler stop) finishes it, so its client always gets a final event.
 
 Fairness: admission is strictly first come, first served, and every running
 turn is bounded by its max_tokens, so a waiting turn is admitted within a
@@ -19,22 +23,15 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from actors.messages import (
-    AbortAll,
-    CancelTurn,
-    Crash,
-    ExecuteStep,
-    SeqInsert,
-    SequenceEnded,
-    StepPlan,
-    StepResult,
-    SubmitTurn,
-    TokenOut,
-    TurnStatus,
-)
+from actors.messages import AbortAll, Crash, ExecuteStep, SeqInsert, StepPlan, StepResult, TurnStatus
+from actors.branches import take
+from actors.kvblocks import KVPieces
+from actors.prefill_budget import PrefillBudget, Prefilling, rows_and_area
+from actors.prefix_pool import BLOCK_TOKENS, PrefixPool
+from actors.turn import Turn
 from runtime.actor import Actor
 from runtime.metrics import Registry
 
@@ -48,6 +45,13 @@ _MODEL_WAIT_S = 0.1
 # their first token after 12.3 s without it, 10.2 s with it). A lone request pays this once.
 BURST_WINDOW_S = 0.03
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitTurn:
+    """Take this turn (an ask: once it returns True, the scheduler owns the turn)."""
+
+    turn: Turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,16 +72,6 @@ class SchedulerStats:
     waiting: int
     admitting: bool
     steps: int
-
-
-@dataclass(slots=True)
-class _Running:
-    turn: SubmitTurn
-    submitted: float
-    first_token_at: float | None = None
-    cancel_requested: bool = False
-    abort_reason: str | None = None  # set when the server, not the client, ends the turn
-    generated: int = 0
 
 
 class SchedulerMetrics:
@@ -119,48 +113,68 @@ class SchedulerActor(Actor):
         model: Any,  # ActorRef of the model actor
         *,
         max_batch: int = 8,
+        prefill_chunk: int = 256,
         step_timeout: float = 120.0,
         registry: Registry | None = None,
+        prefixes: PrefixPool | None = None,
         name: str = "scheduler",
     ):
         super().__init__(name, mailbox_size=1024)
         self.model = model
+        self.prefixes = prefixes
         self.max_batch = max_batch
+        self.budget = PrefillBudget(prefill_chunk)
+        self._planned_prefill: tuple[float, float] | None = None  # (rows, area) for the fit
         self.step_timeout = step_timeout
         self.metrics = SchedulerMetrics(registry or Registry(), max_batch)
-        self.waiting: deque[tuple[SubmitTurn, float]] = deque()
-        self.running: dict[int, _Running] = {}
+        self.waiting: deque[Turn] = deque()
+        self.running: dict[int, Turn] = {}
         self.admitting = True
         self.steps = 0
         self._wakeup = asyncio.Event()
+        # After a step timed out, the model thread may still be in it: no new step
+        # until the model confirms it dropped that batch.
+        self._model_dirty = False
 
     async def on_start(self) -> None:
         if self.model.actor.alive:
             # After a scheduler restart the engine may still hold the old batch.
-            dropped = await self.model.ask(AbortAll("scheduler restarted"), timeout=30)
-            if dropped:
-                log.warning("dropped %d sequences of the previous scheduler", dropped)
+            try:
+                dropped = await self.model.ask(AbortAll("scheduler restarted"), timeout=self.step_timeout)
+            except Exception as exc:
+                log.warning("could not clear the model's batch: %s: %s", type(exc).__name__, exc)
+                self._model_dirty = True
+            else:
+                if dropped:
+                    log.warning("dropped %d sequences of the previous scheduler", dropped)
         self.spawn(self._step_loop())
 
     async def on_stop(self) -> None:
         # Turns still here never reach the model again: end them so no client hangs.
-        for turn, _ in self.waiting:
-            _end(turn, TurnStatus.FINISHED_ABORTED, turn.cache, turn.cached, "scheduler stopped")
-        for run in self.running.values():
-            _end(run.turn, TurnStatus.FINISHED_ERROR, None, (), "scheduler stopped mid-turn")
+        # (A session's branches are never lent to a turn: nothing is lost at rest.)
+        for turn in self.waiting:
+            turn.cancel("the scheduler restarted; retry the request")
+            turn.finish(TurnStatus.FINISHED_ABORTED, None, ())
+        for turn in self.running.values():
+            turn.fail("the scheduler restarted mid-turn; retry the request")
         self.waiting.clear()
         self.running.clear()
 
     async def handle(self, message: Any) -> Any:
         match message:
-            case SubmitTurn():
-                self.waiting.append((message, time.perf_counter()))
-            case CancelTurn(turn_id=turn_id):
-                self._cancel(turn_id)
+            case SubmitTurn(turn=turn):
+                if turn.finished:
+                    return False
+                turn.submitted = time.perf_counter()
+                turn.on_cancel = self._wakeup.set
+                self.waiting.append(turn)
+                reply = True
             case AbortAll(reason=reason):
                 self._abort_all(reason)
+                reply = None
             case SetAdmission(open=is_open):
                 self.admitting = is_open
+                reply = None
             case Crash(reason=reason):
                 raise RuntimeError(f"crash requested: {reason}")
             case GetSchedulerStats():
@@ -169,26 +183,25 @@ class SchedulerActor(Actor):
                 raise TypeError(f"scheduler cannot handle {type(message).__name__}")
         self._update_gauges()
         self._wakeup.set()
-        return None
-
-    def _cancel(self, turn_id: int) -> None:
-        if turn_id in self.running:
-            self.running[turn_id].cancel_requested = True
-            return
-        for item in self.waiting:
-            turn = item[0]
-            if turn.turn_id == turn_id:
-                self.waiting.remove(item)
-                _end(turn, TurnStatus.FINISHED_ABORTED, turn.cache, turn.cached)
-                return
+        return reply
 
     def _abort_all(self, reason: str) -> None:
-        while self.waiting:
-            turn, _ = self.waiting.popleft()
-            _end(turn, TurnStatus.FINISHED_ABORTED, turn.cache, turn.cached, reason)
-        for run in self.running.values():
-            run.cancel_requested = True
-            run.abort_reason = reason
+        for turn in [*self.waiting, *self.running.values()]:
+            turn.cancel(reason)
+        self._sweep_waiting()
+
+    def _sweep_waiting(self) -> None:
+        """Waiting turns that were cancelled end now, with their cache back."""
+        if not any(t.cancel_requested or t.finished for t in self.waiting):
+            return
+        keep = deque()
+        for turn in self.waiting:
+            if turn.cancel_requested or turn.finished:
+                turn.finish(TurnStatus.FINISHED_ABORTED, None, ())
+            else:
+                keep.append(turn)
+        self.waiting = keep
+        self._update_gauges()
 
     # ------------------------------------------------------------ the loop
 
@@ -197,6 +210,7 @@ class SchedulerActor(Actor):
 
     async def _step_loop(self) -> None:
         while True:
+            self._sweep_waiting()
             if not self._has_work():
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -207,10 +221,19 @@ class SchedulerActor(Actor):
                 # The model actor is restarting (reloading): waiting turns wait for it.
                 await asyncio.sleep(_MODEL_WAIT_S)
                 continue
+            if self._model_dirty and not await self._clear_model():
+                continue
             plan = self._plan()
             try:
                 result = await self.model.ask(ExecuteStep(plan), timeout=self.step_timeout)
-            except Exception as exc:  # model crashed or timed out: fail the batch, keep serving
+            except TimeoutError:  # AskTimeout: the step is still running on the model thread
+                _still_cancellable()
+                log.error("model step took longer than %.0fs; ending the batch", self.step_timeout)
+                self._fail_running(f"the model step took longer than {self.step_timeout:.0f}s")
+                self._model_dirty = True
+                continue
+            except Exception as exc:  # the step failed: the model dropped its batch and serves on
+                _still_cancellable()
                 log.error("model step failed: %s: %s", type(exc).__name__, exc)
                 self._fail_running(f"model failed: {type(exc).__name__}: {exc}")
                 await asyncio.sleep(_MODEL_WAIT_S)
@@ -218,47 +241,148 @@ class SchedulerActor(Actor):
             self.steps += 1
             self._route(result)
 
+    async def _clear_model(self) -> bool:
+        """After a timed-out step: wait (queued behind it) until the model drops that batch."""
+        try:
+            await self.model.ask(AbortAll("a step timed out"), timeout=self.step_timeout)
+        except Exception as exc:
+            log.warning("the model has not dropped the timed-out batch yet: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(_MODEL_WAIT_S)
+            return False
+        self._model_dirty = False
+        return True
+
     def _plan(self) -> StepPlan:
-        removes = tuple(t for t, r in self.running.items() if r.cancel_requested)
+        removes = tuple(t for t, turn in self.running.items() if turn.cancel_requested or turn.finished)
         slots = self.max_batch - (len(self.running) - len(removes))
         inserts = []
         now = time.perf_counter()
+        passed = deque()  # turns that wait for another's prefill of their shared prefix
         while self.admitting and self.waiting and slots > 0:
-            turn, submitted = self.waiting.popleft()
-            self.metrics.queue_wait.observe(now - submitted)
-            self.running[turn.turn_id] = _Running(turn, submitted)
+            turn = self.waiting.popleft()
+            if self._rides_later(turn):
+                passed.append(turn)
+                continue
+            self._start_from_pool(turn)
+            self.metrics.queue_wait.observe(now - turn.submitted)
+            turn.start()
+            turn.remaining, turn.offset = len(turn.suffix) - 1, len(turn.cached)
+            turn.published = len(turn.cached) // BLOCK_TOKENS
+            self.running[turn.id] = turn
             inserts.append(
-                SeqInsert(turn.turn_id, turn.suffix, turn.cache, turn.cached, turn.params, turn.max_tokens)
+                SeqInsert(turn.id, turn.suffix, turn.cache, turn.cached, turn.params, turn.max_tokens, turn.constraint)
             )
+            turn.cache = None  # the batch owns its copy now
             slots -= 1
-        for turn_id in removes:
-            # Stop asking again; the engine's SeqEnd hands the cache back.
-            self.running[turn_id].cancel_requested = False
-        return StepPlan(inserts=tuple(inserts), removes=removes)
+        self.waiting.extendleft(reversed(passed))
+        leaving = set(removes)
+        paused = tuple(t for t, turn in self.running.items() if t not in leaving and turn.backlogged)
+        prefill = self._prefill_chunks(leaving)
+        return StepPlan(
+            inserts=tuple(inserts), removes=removes, prefill=prefill, paused=paused, publish=self._publish(leaving)
+        )
+
+    # ------------------------------------------------------------ shared prefixes
+
+    def _rides_later(self, turn: Turn) -> bool:
+        """Whether `turn` should wait because a running turn (same scope) is prefilling
+        a prefix they share that the pool does not have yet: it then starts from the
+        other's blocks instead of computing them again (agents that arrive together
+        with one system prompt prefill it once)."""
+        if self.prefixes is None or not turn.keys:
+            return False
+        have = max(len(self.prefixes.match(turn.keys)), len(turn.cached) // BLOCK_TOKENS)
+        for other in self.running.values():
+            if other.scope != turn.scope or other.remaining == 0 or other.cancel_requested:
+                continue
+            shared = _common(other.keys, turn.keys, limit=(len(other.prompt) - 1) // BLOCK_TOKENS)
+            if shared > have and shared > other.published:
+                return True
+        return False
+
+    def _start_from_pool(self, turn: Turn) -> None:
+        """At admission, start from the pool's longest match if it beats what the
+        session found (blocks published since the turn was prepared)."""
+        if self.prefixes is None or not turn.keys:
+            return
+        blocks = self.prefixes.match(turn.keys)
+        cached = min(BLOCK_TOKENS * len(blocks), len(turn.prompt) - 1)
+        if cached <= len(turn.cached):
+            return
+        pinned = tuple(blocks[: -(-cached // BLOCK_TOKENS)])
+        self.prefixes.acquire(pinned)
+        self.prefixes.release(turn.pinned)
+        turn.pinned = pinned
+        turn.cache = KVPieces(take([(b.kv, BLOCK_TOKENS) for b in blocks], cached))
+        turn.cached = turn.prompt[:cached]
+        self.prefixes.hits += len(pinned)
+
+    def _publish(self, leaving: set[int]) -> tuple[tuple[int, int, int], ...]:
+        """Prompt blocks completed by this step's prefill that the pool lacks: the
+        engine copies them out, so others can start from them at once."""
+        if self.prefixes is None:
+            return ()
+        out = []
+        for turn_id, turn in self.running.items():
+            if turn_id in leaving:
+                continue
+            complete = min(turn.offset // BLOCK_TOKENS, len(turn.keys))
+            first = turn.published
+            while first < complete and turn.keys[first] in self.prefixes.blocks:
+                first += 1
+            if first < complete:
+                out.append((turn_id, first * BLOCK_TOKENS, complete * BLOCK_TOKENS))
+            turn.published = complete
+        return tuple(out)
+
+    def _prefill_chunks(self, leaving: set[int]) -> tuple[tuple[int, int], ...]:
+        """How many prompt tokens each prefilling turn processes in this step: a full
+        chunk while nobody decodes; while someone does, the largest chunk whose fitted
+        cost stays within one chunk at the start of a prompt (actors/prefill_budget.py)."""
+        staying = [turn for t, turn in self.running.items() if t not in leaving]
+        prefilling = [turn for turn in staying if turn.remaining > 0]
+        self._planned_prefill = None
+        if not prefilling:
+            return ()
+        decoding = any(turn.remaining == 0 for turn in staying)
+        seqs = [Prefilling(turn.offset, turn.remaining) for turn in prefilling]
+        n = self.budget.tokens_per_sequence(seqs, decoding)
+        self._planned_prefill = rows_and_area(seqs, n)
+        chunks = []
+        for turn in prefilling:
+            take = min(n, turn.remaining)
+            turn.remaining -= take
+            turn.offset += take
+            turn.progressed()
+            chunks.append((turn.id, take))
+        return tuple(chunks)
 
     def _route(self, result: StepResult) -> None:
         self.metrics.observe_step(result, len(self.running))
-        now = time.perf_counter()
-        for turn_id, token in result.tokens:
-            run = self.running.get(turn_id)
-            if run is None:
+        for turn_id, start, kv in result.published:
+            turn = self.running.get(turn_id)
+            if turn is not None and self.prefixes is not None:
+                self.prefixes.add(turn.keys[start // BLOCK_TOKENS], kv)
+        if self._planned_prefill is not None and result.prefill_tokens:
+            self.budget.observe(*self._planned_prefill, result.prefill_seconds)
+        for turn_id, out in result.tokens:
+            turn = self.running.get(turn_id)
+            if turn is None:
                 continue
-            if run.first_token_at is None:
-                run.first_token_at = now
-                self.metrics.ttft.observe(now - run.submitted)
-            run.generated += 1
-            run.turn.sink.put_nowait(TokenOut(token))
+            if turn.first_token_at is None:
+                self.metrics.ttft.observe(time.perf_counter() - turn.submitted)
+            turn.add_token(out)
         for end in result.ended:
-            run = self.running.pop(end.turn_id, None)
-            if run is not None:
+            turn = self.running.pop(end.turn_id, None)
+            if turn is not None:
                 self.metrics.finished.inc()
-                _end(run.turn, end.status, end.cache, end.tokens, run.abort_reason)
+                turn.finish(end.status, end.cache, end.tokens)
         self._update_gauges()
 
     def _fail_running(self, reason: str) -> None:
         # The batch's caches died with the step; sessions fall back to their saved state.
-        for run in self.running.values():
-            _end(run.turn, TurnStatus.FINISHED_ERROR, None, (), reason)
+        for turn in self.running.values():
+            turn.fail(reason)
         self.running.clear()
         self._update_gauges()
 
@@ -267,5 +391,19 @@ class SchedulerActor(Actor):
         self.metrics.waiting.set(len(self.waiting))
 
 
-def _end(turn: SubmitTurn, status: TurnStatus, cache, tokens, error: str | None = None) -> None:
-    turn.sink.put_nowait(SequenceEnded(status, cache, tuple(tokens), error))
+def _common(a: list, b: list, limit: int) -> int:
+    """How many leading items a and b share (at most `limit`)."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _still_cancellable() -> None:
+    """Re-raise a cancellation that a timeout swallowed (asyncio.wait_for in Python 3.11
+    can turn a cancel that races its timeout into TimeoutError): the step loop must
+    stop when its actor stops, not serve on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()

@@ -1,85 +1,41 @@
 """AgentSession: one actor per agent id, owning that agent's KV cache slice.
 
-A turn: render the chat template, tokenize (off the loop), find the longest
-common prefix with the tokens the cache holds, trim the cache to it and submit
-only the rest to the scheduler. Tokens come back one by one; the session
-detokenizes them, applies stop strings and forwards text to the gateway. When
-the sequence ends its cache slice comes back here and a write-behind save to
-disk is scheduled. Turns of one agent run one at a time (the mailbox orders
-them); different agents run concurrently in the scheduler's batch.
+A turn (actors/turn.py): render the prompt and compile its grammar (off the
+loop), find the longest common prefix with the tokens the cache holds, trim the
+cache to it, lend it to the turn and hand the turn to the scheduler, which from
+then on owns it and ends it. The turn's tokens go from the scheduler straight
+to its client (detokenized and parsed in actors/turn_output.py); when it ends
+its cache comes back here and a write-behind save to disk is scheduled. Turns
+of one agent run one at a time (the mailbox orders them); different agents run
+concurrently in the scheduler's batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from actors.messages import (
-    CancelRequested,
-    CancelTurn,
-    ChatTurn,
-    SequenceEnded,
-    SubmitTurn,
-    TextDelta,
-    TokenOut,
-    TurnDone,
-    TurnRejected,
-    TurnStatus,
-)
-from runtime.actor import Actor, ActorError
+from actors.branches import Branches
+from actors.constraint import ConstraintError
+from actors.messages import ChatRequest, TurnRejected
+from actors.output import OutputParser
+from actors.prefix_pool import PrefixPool
+from actors.prompt import PromptError, Rendered, render, render_text_prompt, tool_format
+from actors.scheduler import SubmitTurn
+from actors.turn import Ended, Turn
+from actors.turn_output import TurnOutput
+from actors.sampling import resolve as resolve_sampling
+from runtime.actor import Actor, ActorError, ActorStopped
 
 log = logging.getLogger("greenroom.session")
 
-_turn_ids = itertools.count(1)
-_FINISH_REASON = {
-    TurnStatus.FINISHED_STOPPED: "stop",
-    TurnStatus.FINISHED_LENGTH: "length",
-    TurnStatus.FINISHED_ABORTED: "cancelled",
-    TurnStatus.FINISHED_ERROR: "error",
-}
-
-
-def common_prefix_len(a, b) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text, holding back a possible partial match."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(s for s in stops if s)
-        self.held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was hit)."""
-        text = self.held + text
-        self.held = ""
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            return text[: min(hits)], True
-        keep = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), keep, -1):
-                if s.startswith(text[-k:]):
-                    keep = k
-                    break
-        if keep:
-            self.held = text[-keep:]
-            text = text[:-keep]
-        return text, False
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return held
+# How long the scheduler may take to accept a turn (it only queues it).
+SUBMIT_TIMEOUT_S = 10.0
+# How often a session waiting for its turn's end checks that the scheduler lives.
+OWNER_CHECK_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +55,12 @@ class SessionActor(Actor):
         *,
         scheduler: Any,  # ActorRef
         loaded: Any,  # LoadedModel (tokenizer, tag, limits)
+        prefixes: PrefixPool,
+        scope: str = "",  # agents in one scope share cached prefixes
         persistence: Any = None,  # actors.pool.Persistence or None for ephemeral sessions
+        io: Any = None,  # executor for copying KV (never the event loop)
         default_max_tokens: int = 2048,
+        max_branches: int = 4,
         mailbox_size: int = 16,
     ):
         super().__init__(f"session:{agent_id}", mailbox_size=mailbox_size)
@@ -108,60 +68,72 @@ class SessionActor(Actor):
         self.scheduler = scheduler
         self.loaded = loaded
         self.persistence = persistence
+        self.io = io
         self.default_max_tokens = default_max_tokens
-        self.cache: list | None = None
-        self.tokens: tuple[int, ...] = ()
+        self.branches = Branches(prefixes, scope, max_branches)
         self.last_used = time.time()
         self.turns = 0
         self.in_turn = False
-        # Tokens of the KV slice lent to the batch during a turn (the session's own
-        # `cache` is None meanwhile): it still occupies memory, so it still counts.
+        # Tokens of the running turn's own copy of its KV (in the batch): it occupies
+        # memory too, so it counts against the budget while the turn runs.
         self._lent_tokens = 0
-        # Write-behind: the tokens whose cache is known to be on disk, and the one
-        # writer task (a newer turn while it writes is coalesced into its next write).
-        self._saved_tokens: tuple[int, ...] = ()
+        # Write-behind: the version of the branches on disk, and the one writer task
+        # (a newer turn while it writes is coalesced into its next write).
+        self._version = 0
+        self._saved_version = 0
         self._dirty = False
         self._writer: asyncio.Task | None = None
 
     @property
+    def tokens(self) -> tuple[int, ...]:
+        """The most recently used branch's tokens."""
+        return self.branches.tokens
+
+    @property
+    def cache(self) -> bool:
+        """Whether the session holds any cached branch."""
+        return bool(self.branches.items)
+
+    @property
     def cache_nbytes(self) -> int:
-        """KV bytes this session keeps in memory (at rest, or lent to a running turn)."""
-        if self.in_turn and self.cache is None:
-            return self._lent_tokens * self.loaded.kv_bytes_per_token
-        return len(self.tokens) * self.loaded.kv_bytes_per_token if self.cache else 0
+        """KV bytes this session alone keeps in memory: its branches' private tails and a
+        running turn's copy. Pool blocks are counted once, by the pool."""
+        return self.branches.nbytes + self._lent_tokens * self.loaded.kv_bytes_per_token
 
     @property
     def saved(self) -> bool:
-        """Whether the disk already holds everything this session's cache holds."""
-        return not self.cache or self.tokens == self._saved_tokens
+        """Whether the disk already holds everything this session's branches hold."""
+        return not self.cache or self._saved_version == self._version
 
     async def on_start(self) -> None:
         await self._restore()
 
     async def _restore(self) -> None:
-        """Load the last saved cache; on any failure the agent simply starts cold."""
+        """Load the saved branches; on any failure the agent simply starts cold."""
         if self.persistence is None:
             return
         try:
-            restored = await self.persistence.restore(self.agent_id)
-        except Exception as exc:  # e.g. the model actor is restarting
+            restored = await self.persistence.restore(self.agent_id, self.branches)
+        except Exception as exc:
             log.warning("could not restore %s, starting cold: %s: %s", self.agent_id, type(exc).__name__, exc)
             return
-        if restored is not None:
-            self.cache, self.tokens = restored
-            self._saved_tokens = self.tokens
+        for branch in reversed(restored or []):
+            self.branches.keep(branch)
 
     async def on_stop(self) -> None:
         # The write-behind task (if any) was cancelled with the actor; its file write,
         # once started, completes on the I/O thread. Save what is not on disk yet.
-        await self._save_now()
+        try:
+            await self._save_now()
+        finally:
+            self.branches.clear()  # the pool may drop their blocks now
 
     async def _save_now(self) -> bool:
         if self.persistence is None or self.saved:
             return True
-        cache, tokens = self.cache, self.tokens
-        if await self.persistence.save_now(self.agent_id, cache, tokens):
-            self._saved_tokens = tokens
+        version = self._version
+        if await self.persistence.save_now(self.agent_id, tuple(self.branches.items)):
+            self._saved_version = max(self._saved_version, version)
             return True
         return False
 
@@ -176,16 +148,19 @@ class SessionActor(Actor):
     async def _write_behind(self) -> None:
         while self._dirty:
             self._dirty = False
-            if self.cache is None:
-                return  # lent to a turn: the turn's end schedules the next write
-            await self._save_now()  # captures cache and tokens before its first await
+            await self._save_now()  # captures the branches before its first await
 
     async def handle(self, message: Any) -> Any:
         match message:
-            case ChatTurn():
+            case Turn():
                 self.in_turn = True
                 try:
                     await self._turn(message)
+                except Exception as exc:
+                    # Whatever went wrong, the client gets its final event and the
+                    # session serves on (its branches were never lent out).
+                    log.exception("turn %d of %s failed", message.id, self.agent_id)
+                    message.fail(f"internal error: {type(exc).__name__}: {exc}")
                 finally:
                     self.in_turn = False
                     self._lent_tokens = 0
@@ -197,18 +172,18 @@ class SessionActor(Actor):
 
     # ------------------------------------------------------------ a turn
 
-    async def _turn(self, turn: ChatTurn) -> None:
-        tokenizer = self.loaded.tokenizer
+    async def _turn(self, turn: Turn) -> None:
+        if turn.finished:
+            return  # the client left while the turn waited in the mailbox
         try:
-            prompt = await asyncio.to_thread(
-                tokenizer.apply_chat_template, list(turn.request.messages), add_generation_prompt=True
-            )
-        except Exception as exc:  # template errors are the client's messages' fault
-            turn.events.put_nowait(TurnRejected(400, f"could not apply the chat template: {exc}"))
+            prepared = await asyncio.to_thread(prepare_turn, self.loaded, turn.request)
+        except (PromptError, ConstraintError) as exc:  # the client's messages, tools or schemas
+            turn.reject(TurnRejected(400, str(exc)))
             return
+        prompt = tuple(prepared.rendered.tokens)
         limit = self.loaded.context_length
         if len(prompt) >= limit:
-            turn.events.put_nowait(
+            turn.reject(
                 TurnRejected(
                     400,
                     f"the prompt is {len(prompt)} tokens; this model's context is {limit} tokens",
@@ -218,93 +193,84 @@ class SessionActor(Actor):
                 )
             )
             return
-        max_tokens = min(turn.request.params.max_tokens or self.default_max_tokens, limit - len(prompt))
-
-        cached = common_prefix_len(self.tokens, prompt) if self.cache else 0
-        if cached == len(prompt):
-            cached -= 1  # the model must see at least one token to produce logits
-        kept, kept_tokens = self.cache, self.tokens
-        cache = kept if cached > 0 else None  # nothing in common: the batch starts a fresh slice
-        if cache is not None:
-            for layer in cache:
-                layer.trim(layer.offset - cached)
-            kept, kept_tokens = cache, tuple(prompt[:cached])
-        # The slice now belongs to the batch until SequenceEnded gives it back.
-        self.cache, self.tokens = None, ()
-        self._lent_tokens = len(prompt)
-
-        turn_id = next(_turn_ids)
-        submit = SubmitTurn(
-            turn_id=turn_id,
-            agent_id=self.agent_id,
-            suffix=tuple(prompt[cached:]),
-            cache=cache,
-            cached=tuple(prompt[:cached]),
-            params=turn.request.params,
-            max_tokens=max_tokens,
-            sink=turn.inbox,
-        )
+        params = resolve_sampling(turn.request.params, self.loaded.generation_defaults)
+        start = self.branches.start_for(prompt)
+        turn.pinned = start.pinned  # the scheduler may swap these for a longer shared prefix
         try:
-            self.scheduler.tell(submit)
-        except ActorError as exc:
-            self.cache, self.tokens = kept, kept_tokens
-            turn.events.put_nowait(TurnRejected(503, f"server busy: {exc}", "server_busy"))
-            return
-        ended = await self._stream(turn, submit)
-        self.cache, self.tokens = ended.cache, ended.tokens
-        if not ended.cache:
-            # The batch's copy died with a failed model step: fall back to the last save.
-            self.cache, self.tokens = None, ()
-            await self._restore()
+            turn.prompt, turn.cached, turn.cache = prompt, prompt[: start.cached], start.pieces
+            turn.keys = self.branches.keys(prompt)
+            turn.scope = self.branches.scope
+            turn.params = params
+            turn.max_tokens = min(params.max_tokens or self.default_max_tokens, limit - len(prompt))
+            turn.constraint = prepared.constraint
+            turn.model_name = self.loaded.name
+            turn.output = TurnOutput(self.loaded.tokenizer, params.stop, prepared.parser, params.logprobs is not None)
+            self._lent_tokens = len(prompt)
+            owner, reason = await self._submit(turn)
+            if owner is None:
+                turn.reject(TurnRejected(503, reason, "server_busy"))
+                return
+            ended = await self._wait(turn, owner)
+        finally:
+            self.branches.pool.release(turn.pinned)
+            turn.pinned = ()
         self.turns += 1
-        self._save_later()
+        if ended.cache:
+            self._lent_tokens = len(ended.tokens)
+            branch = await self.branches.from_cache(ended.cache, ended.tokens, self.io)
+            self.branches.keep(branch)
+            self._version += 1
+            self._save_later()
 
-    async def _stream(self, turn: ChatTurn, submit: SubmitTurn) -> SequenceEnded:
-        turn_id = submit.turn_id
-        tokenizer = self.loaded.tokenizer
-        eos = tokenizer.eos_token_ids
-        detok = copy.copy(tokenizer.detokenizer)  # shares the token map, own state
-        detok.reset()
-        stops = StopMatcher(turn.request.params.stop)
-        generated = 0
-        stopped_by_string = False
+    async def _submit(self, turn: Turn):
+        """Hand the turn to the scheduler: (the scheduler actor that took it, None), or
+        (None, why not). A scheduler that is restarting is waited for, within a bound."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SUBMIT_TIMEOUT_S
         while True:
-            event = await turn.inbox.get()
-            match event:
-                case TokenOut(token=token):
-                    generated += 1
-                    self._lent_tokens += 1
-                    if stopped_by_string or token in eos:
-                        continue
-                    detok.add_token(token)
-                    text, hit = stops.feed(detok.last_segment)
-                    if text:
-                        turn.events.put_nowait(TextDelta(text))
-                    if hit:
-                        stopped_by_string = True
-                        self.scheduler.tell(CancelTurn(turn_id))
-                case CancelRequested():
-                    self.scheduler.tell(CancelTurn(turn_id))
-                case SequenceEnded() as ended:
-                    break
-        if not stopped_by_string:
-            detok.finalize()
-            text, _ = stops.feed(detok.last_segment)
-            text += stops.flush()
-            if text:
-                turn.events.put_nowait(TextDelta(text))
-        status = TurnStatus.FINISHED_STOPPED if stopped_by_string else ended.status
-        cached = len(submit.cached)
-        turn.events.put_nowait(
-            TurnDone(
-                # Ended by the server (drain deadline, shutdown) rather than the client.
-                finish_reason="abort" if status is TurnStatus.FINISHED_ABORTED and ended.error else _FINISH_REASON[status],
-                prompt_tokens=cached + len(submit.suffix),
-                completion_tokens=generated,
-                cached_tokens=cached,
-                prefilled_tokens=max(0, len(ended.tokens) - generated - cached),
-                model=self.loaded.name,
-                error=ended.error,
-            )
-        )
-        return ended
+            owner = self.scheduler.actor
+            try:
+                if await self.scheduler.ask(SubmitTurn(turn), timeout=max(0.1, deadline - loop.time())):
+                    return owner, None
+                return None, "the turn was cancelled before it started"
+            except ActorStopped as exc:  # between incarnations: the ref rebinds when it is up
+                if loop.time() >= deadline or turn.finished:
+                    return None, f"server busy: {exc}"
+                await asyncio.sleep(0.05)
+            except ActorError as exc:  # too busy to answer, or its mailbox is full
+                return None, f"server busy: {exc}"
+
+    async def _wait(self, turn: Turn, owner) -> Ended:
+        """The turn's end. Its scheduler ends it whatever happens; should that actor
+        die without doing so, the turn is failed here, so nothing waits forever."""
+        while True:
+            try:
+                return await asyncio.wait_for(turn.wait_ended(), OWNER_CHECK_S)
+            except TimeoutError:
+                if not owner.alive:
+                    turn.fail("the scheduler stopped mid-turn; retry the request")
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedTurn:
+    rendered: Rendered
+    constraint: Any  # actors.constraint.Constraint or None
+    parser: OutputParser | None  # None: plain text (/v1/completions)
+
+
+def prepare_turn(loaded, request: ChatRequest) -> PreparedTurn:
+    """Render the prompt, compile the grammar, set up the output parser. Blocking
+    (tokenizing, llguidance): runs on a worker thread, never on the event loop."""
+    tokenizer = loaded.tokenizer
+    if request.prompt is not None:
+        return PreparedTurn(render_text_prompt(tokenizer, request.prompt), None, None)
+    fmt = tool_format(tokenizer)
+    grammar = loaded.constraints.grammar_for(request, fmt.start, fmt.end)
+    if grammar is not None and request.thinking is None and tokenizer.has_thinking:
+        # A grammar starts at the first generated token: no thinking block first.
+        request = replace(request, thinking=False)
+    rendered = render(tokenizer, request)
+    constraint = loaded.constraints.compile(grammar) if grammar is not None else None
+    calls_forced = grammar is not None and bool(request.tools) and request.tool_choice != "none"
+    parser = OutputParser(tokenizer, rendered, request.tools, forced_json=calls_forced)
+    return PreparedTurn(rendered, constraint, parser)

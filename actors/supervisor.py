@@ -37,17 +37,29 @@ class Admission:
     def __init__(self) -> None:
         self.open = asyncio.Event()
         self.open.set()
+        # While a swap holds the gate, new turns wait up to its end (loop time), which
+        # the operator bounded with the swap's drain timeout; otherwise --drain-timeout.
+        self.hold_until: float | None = None
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     @asynccontextmanager
-    async def turn(self):
-        await self.open.wait()
+    async def turn(self, timeout: float | None = None):
+        """Pass the gate (waiting at most `timeout` seconds while it is closed); yields
+        whether it was passed. A turn held back longer gets a 503 to retry."""
+        if not self.open.is_set():
+            if timeout is not None and self.hold_until is not None:
+                timeout = max(timeout, self.hold_until - asyncio.get_running_loop().time())
+            try:
+                await asyncio.wait_for(self.open.wait(), timeout)
+            except TimeoutError:
+                yield False
+                return
         self.inflight += 1
         self._idle.clear()
         try:
-            yield
+            yield True
         finally:
             self.inflight -= 1
             if self.inflight == 0:
@@ -182,17 +194,31 @@ class SupervisorActor(Actor):
             case RestartActor(actor=name):
                 if name not in RESTARTABLE:
                     raise CommandError(f"can restart {', '.join(RESTARTABLE)}; not {name!r}")
-                self.system.ref(name).tell(Crash("restart requested over the control socket"))
+                # Graceful, and not a crash: it never counts toward the restart intensity.
+                self.spawn(self._restart(name))
                 return {"restarting": name}
             case Fault(actor=name):
-                if not self.faults_enabled or name != "model":
+                # Tests only: "model" makes the next step fail inside MLX work (the batch
+                # is dropped, the weights stay); "<actor>-crash" crashes that actor, as a
+                # bug would (the supervisor restarts it; this counts toward its intensity).
+                if not self.faults_enabled or name not in ("model", *(f"{a}-crash" for a in RESTARTABLE)):
                     raise CommandError("fault injection is off (GREENROOM_ENABLE_FAULTS=1 enables it)")
-                await self.model.ask(InjectFault(), timeout=10)
-                return {"fault": "the model's next step fails"}
+                if name == "model":
+                    await self.model.ask(InjectFault(), timeout=10)
+                    return {"fault": "the model's next step fails"}
+                self.system.ref(name.removesuffix("-crash")).tell(Crash("fault injected over the control socket"))
+                return {"fault": f"{name.removesuffix('-crash')} crashes"}
             case Shutdown():
                 self.request_shutdown()
                 return {"shutting_down": True}
         raise CommandError(f"unknown command {type(message).__name__}")
+
+    async def _restart(self, name: str) -> None:
+        try:
+            await self.system.restart_child(name)
+            log.info("restarted %s on request", name)
+        except Exception as exc:  # logged, not raised: a failed restart must not crash us
+            log.error("restarting %s failed: %s: %s", name, type(exc).__name__, exc)
 
     async def _status(self) -> dict:
         stats = await self.scheduler.ask(GetSchedulerStats(), timeout=5)
@@ -212,6 +238,7 @@ class SupervisorActor(Actor):
                 "usage": round(pool.usage, 4),
                 "active_sessions": pool.active,
                 "hibernated_sessions": pool.hibernated,
+                **self._prefix_stats(),
             },
             "running": stats.running,
             "waiting": stats.waiting,
@@ -219,12 +246,25 @@ class SupervisorActor(Actor):
             "last_swap": self.last_swap,
         }
 
+    def _prefix_stats(self) -> dict:
+        """The shared prefix pool: each block once, and how much of it agents hold."""
+        prefixes = self.pool.prefixes
+        if prefixes is None:
+            return {}
+        return {
+            "shared_blocks": len(prefixes.blocks),
+            "shared_bytes": prefixes.nbytes,
+            "shared_idle_bytes": prefixes.idle_bytes,
+            "shared_block_hits": prefixes.hits,
+            "shared_blocks_evicted": prefixes.evicted,
+        }
+
     def _agents(self) -> list[dict]:
         rows = self.pool.agents()
         persistence = self.pool.persistence
         if persistence is not None:
             live = {r["id"] for r in rows}
-            for agent_id in persistence.store.list_agents(persistence.model_tag):
+            for agent_id in persistence.store.agents():
                 if agent_id not in live:
                     rows.append({"id": agent_id, "state": "hibernated", "cached_tokens": None, "bytes": None})
         return rows
@@ -232,25 +272,32 @@ class SupervisorActor(Actor):
     # ------------------------------------------------------------ swap
 
     async def _swap_task(self, swap: Swap, done: asyncio.Future) -> None:
+        result = {"ok": False, "error": "the swap was interrupted"}
         try:
             result = await self._swap(swap)
         except Exception as exc:
             log.exception("swap failed")
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         finally:
+            # Whatever happened, admission reopens and the operator gets an answer.
             self._swapping = False
             self.state = "serving"
+            self.admission.hold_until = None
             self.admission.open.set()
-            await self.scheduler.ask(SetAdmission(True), timeout=5)
-        self.last_swap = result
-        if not done.done():
-            done.set_result(result)
+            try:
+                await self.scheduler.ask(SetAdmission(True), timeout=5)
+            except Exception as exc:  # a restarting scheduler starts admitting anyway
+                log.warning("could not reopen the scheduler's admission: %s: %s", type(exc).__name__, exc)
+            self.last_swap = result
+            if not done.done():
+                done.set_result(result)
 
     async def _swap(self, swap: Swap) -> dict:
         old = self.pool.loaded
         t0 = time.perf_counter()
         self.state = "draining"
         self.admission.open.clear()
+        self.admission.hold_until = asyncio.get_running_loop().time() + swap.drain_timeout + self.load_timeout
         drained = swap.abort is False and await self.admission.wait_idle(swap.drain_timeout)
         aborted = 0
         if not drained:
@@ -275,8 +322,10 @@ class SupervisorActor(Actor):
         t3 = time.perf_counter()
         self.slot.source = swap.model
         persistence = self.pool.persistence
-        if persistence is not None:
-            persistence = Persistence(persistence.store, self.model, loaded.tag, persistence.io)
+        if persistence is not None:  # the new model's caches live under its own tag
+            persistence = await Persistence.open(
+                persistence.store.root, loaded.tag, persistence.io, persistence.store.budget_bytes
+            )
         self.pool.set_model(loaded, persistence)
         first_token_s = await self._first_token(loaded)
         t4 = time.perf_counter()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -214,6 +215,14 @@ class Server:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def health(self) -> dict:
+        """greenroom's /health (a 503 "degraded" body too)."""
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return json.loads(err.read())
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples (greenroom only): name{labels} -> value."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import statistics
@@ -125,11 +126,18 @@ def worker_main(model_path: str) -> None:
 # ---------------------------------------------------------------- phases (client side)
 
 
-async def run_agent(session, url, kind, agent: int, nonce: str, turns: int, max_tokens: int, rows: list):
+async def run_agent(session, url, kind, agent: int, nonce: str, turns: int, max_tokens: int, rows: list,
+                    shared: bool = False):
     agent_id = f"bench-{nonce}-a{agent}"
-    messages = [{"role": "system", "content": W.system_prompt(agent, nonce)}]
+    if shared:  # one system prompt for all; the agent's project in its first message
+        messages = [{"role": "system", "content": W.shared_system_prompt(nonce)}]
+    else:
+        messages = [{"role": "system", "content": W.system_prompt(agent, nonce)}]
     for turn in range(turns):
-        messages.append({"role": "user", "content": W.user_message(agent, turn)})
+        text = W.user_message(agent, turn)
+        if shared and turn == 0:
+            text = W.project_context(agent) + text
+        messages.append({"role": "user", "content": text})
         r = await C.stream_chat(session, url, messages, agent=agent_id if kind == "greenroom" else None,
                                 max_tokens=max_tokens)
         if r.status != 200 or r.error:
@@ -143,11 +151,13 @@ async def run_agent(session, url, kind, agent: int, nonce: str, turns: int, max_
         messages.append({"role": "assistant", "content": r.text})
 
 
-async def workload(url: str, kind: str, n: int, nonce: str, turns: int, max_tokens: int) -> dict:
+async def workload(url: str, kind: str, n: int, nonce: str, turns: int, max_tokens: int,
+                   shared: bool = False) -> dict:
     rows: list[dict] = []
     async with C.client_session() as session:
         started = time.perf_counter()
-        await asyncio.gather(*(run_agent(session, url, kind, a, nonce, turns, max_tokens, rows) for a in range(n)))
+        await asyncio.gather(*(run_agent(session, url, kind, a, nonce, turns, max_tokens, rows, shared)
+                               for a in range(n)))
         wall = time.perf_counter() - started
     generated = sum(r["completion_tokens"] for r in rows)
     first = [r["ttft"] for r in rows if r["turn"] == 0]
@@ -220,6 +230,40 @@ async def stall_phase(url: str, kind: str, nonce: str, long_messages: list[dict]
 # ---------------------------------------------------------------- driver
 
 
+async def memory_phase(server, model: Path, n: int, nonce: str) -> dict:
+    """n agents, one turn each, all with the shared system prompt: greenroom's resident KV
+    at rest against one copy of the prefix plus each agent's own suffix (from /health)."""
+    tag = f"{nonce}mem"
+    rows: list[dict] = []
+    async with C.client_session() as session:
+        for a in range(n):  # one after another: every agent's turn ends before the next
+            await run_agent(session, server.url, "greenroom", a, tag, 1, 16, rows, shared=True)
+    health = server.health()
+    tok = _tokenizer(model)
+    per_token = _kv_bytes_per_token(model)
+    prefix_tokens = len(tok.apply_chat_template(
+        [{"role": "system", "content": W.shared_system_prompt(tag)}], add_generation_prompt=False))
+    own_tokens = sum(r["prompt_tokens"] + r["completion_tokens"] - 1 - prefix_tokens for r in rows)
+    ideal = (prefix_tokens + own_tokens) * per_token
+    resident = health["pool"]["resident_bytes"]
+    out = {"agents": n, "prefix_tokens": prefix_tokens, "own_tokens": own_tokens, "kv_bytes_per_token": per_token,
+           "resident_bytes": resident, "ideal_bytes": ideal, "ratio": resident / ideal,
+           "copies_if_unshared_bytes": sum(r["prompt_tokens"] + r["completion_tokens"] - 1 for r in rows) * per_token,
+           "pool": health["pool"]}
+    print(f"  memory: {n} agents sharing a {prefix_tokens}-token prefix: resident {resident / 2**20:.1f} MiB vs "
+          f"one prefix + own suffixes {ideal / 2**20:.1f} MiB = {out['ratio']:.3f} (target <= 1.1); "
+          f"unshared it would be {out['copies_if_unshared_bytes'] / 2**20:.1f} MiB", flush=True)
+    return out
+
+
+def _kv_bytes_per_token(model: Path) -> int:
+    """K and V of every layer for one token, float32 (the CPU runs models in float32)."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * heads * head_dim * 4
+
+
 def parse_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -271,6 +315,10 @@ def main(argv=None) -> int:
     ap.add_argument("--greenroom-args", default="", help="extra `greenroom serve` flags, e.g. --no-persist")
     ap.add_argument("--name", default="agents", help="results file stem: bench/results/NAME.json and NAME.png")
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--shared-prefix", action="store_true",
+                    help="one identical system prompt for every agent (~1.6k tokens), each agent's project in "
+                         "its first user turn; also measures resident KV of --memory-agents agents sharing it")
+    ap.add_argument("--memory-agents", type=int, default=8, help="agents of the shared-prefix memory phase")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     C.add_env_flags(ap)
     args = ap.parse_args(argv)
@@ -327,7 +375,8 @@ def main(argv=None) -> int:
         for i, n in enumerate(args.agents):
             order = kinds if i % 2 == 0 else kinds[::-1]
             for k in order:
-                r = asyncio.run(workload(servers[k].url, k, n, f"{nonce}n{n}", args.turns, args.max_tokens))
+                r = asyncio.run(workload(servers[k].url, k, n, f"{nonce}n{n}", args.turns, args.max_tokens,
+                                         args.shared_prefix))
                 data[k]["workload"][n] = r
                 print(f"  {k:9s} {n} agents: workload {r['wall_s']:.1f}s, {r['agg_tok_s']:.2f} tok/s, TTFT first "
                       f"{r['ttft_first_median_s']:.2f}s later {C.fmt(r['ttft_later_median_s'])}s", flush=True)
@@ -344,6 +393,8 @@ def main(argv=None) -> int:
                 data[k]["stall"] = st
                 print(f"  {k:9s} stall: longest gap {C.fmt(st['longest_gap_s'], 3)}s during a "
                       f"{st['b_prefill_s']:.2f}s prefill of {st['b_prompt_tokens']} tokens", flush=True)
+        if args.shared_prefix and "greenroom" in servers:
+            out["memory"] = asyncio.run(memory_phase(servers["greenroom"], model, args.memory_agents, nonce))
         if "greenroom" in servers:
             out["greenroom_metrics"] = servers["greenroom"].metrics()
     finally:

@@ -10,10 +10,11 @@ On the embedded model, with a conversation of about --context tokens (default 2,
            restored from disk (the file is evicted from the page cache first with
            posix_fadvise(DONTNEED), so this is a read from the disk)
                                                                target restart / cold <= 1/5;
-  load     CacheStore.load of an agent's cache file (read + checksum + arrays) vs
-           reading the same file sequentially with os.readv, both from the disk
-           (page cache dropped for the file before each run) and, as a second
-           figure, both from the page cache                   target load / read >= 50 %;
+  load     BlockStore.load_agent + load_blocks of an agent (its file and the segment
+           files holding its blocks: read + checksums + arrays) vs reading the same
+           files sequentially with os.readv, both from the disk (page cache dropped
+           for the files before each run) and, as a second figure, both from the
+           page cache                                         target load / read >= 50 %;
   bytes per token of context: on disk (file size / tokens) and in memory.
 
 TTFT is client-side: request sent -> first non-empty content chunk of a
@@ -47,7 +48,10 @@ import actors  # noqa: E402,F401  (OpenBLAS before mlx, as the server does)
 import mlx.core as mx  # noqa: E402
 
 from actors import loading  # noqa: E402
-from actors.cachestore import CacheStore  # noqa: E402
+from actors.blockfile import BlockFormat  # noqa: E402
+from actors.blockstore import AGENTS, BLOCKS, BlockStore  # noqa: E402
+from actors.cachestore import file_name  # noqa: E402
+from actors.prefix_pool import BLOCK_TOKENS  # noqa: E402
 
 TARGETS = {"warm_over_cold": 0.1, "restart_over_cold": 0.2, "load_over_read": 0.5}
 MAX_TOKENS = 8
@@ -173,18 +177,41 @@ class Server:
         return {"ttft_s": None if first is None else first - sent, "text": text, "usage": usage}
 
 
-def wait_saved(store: CacheStore, agent: str, tag: str, n_tokens: int, timeout: float = 300) -> None:
+def agent_path(cache_dir: Path, tag: str, agent: str) -> Path:
+    return cache_dir / "kv" / tag / AGENTS / file_name(agent)
+
+
+def wait_saved(cache_dir: Path, agent: str, tag: str, n_tokens: int, timeout: float = 300) -> None:
+    """Read-only (a BlockStore must not be opened on a live server's directory)."""
     deadline = time.monotonic() + timeout
+    fmt = BlockFormat(tag, BLOCK_TOKENS)
     while time.monotonic() < deadline:
-        snap = store.load(agent, tag)
-        if snap is not None and snap.n_tokens == n_tokens:
-            return
+        try:
+            saved = fmt.read_agent(agent, agent_path(cache_dir, tag, agent))
+            if saved.branches and len(saved.branches[0].tokens) == n_tokens:
+                return
+        except Exception:
+            pass  # not there yet, or being replaced
         time.sleep(0.05)
     raise RuntimeError(f"{agent}'s cache did not reach {n_tokens} tokens on disk")
 
 
 def held(turn: dict) -> int:
-    return turn["usage"]["prompt_tokens"] + turn["usage"]["completion_tokens"]
+    """Tokens a turn leaves cached: the prompt and every generated token but the last."""
+    return turn["usage"]["prompt_tokens"] + turn["usage"]["completion_tokens"] - 1
+
+
+def agent_files(cache_dir: Path, tag: str, agent: str) -> list[Path]:
+    """The agent's file and the segment files holding its blocks."""
+    saved = BlockFormat(tag, BLOCK_TOKENS).read_agent(agent, agent_path(cache_dir, tag, agent))
+    keys = {k for b in saved.branches for k in b.block_keys}
+    segments = []
+    for path in sorted((cache_dir / "kv" / tag / BLOCKS).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = f.read(8 + int.from_bytes(f.read(8), "little"))
+        if any(k.hex().encode() in header for k in keys):
+            segments.append(path)
+    return [agent_path(cache_dir, tag, agent), *segments]
 
 
 # ---------------------------------------------------------------- disk
@@ -218,12 +245,23 @@ def read_sequential(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def time_load(store: CacheStore, agent: str, tag: str) -> float:
+def time_load(store: BlockStore, agent: str) -> tuple[float, int]:
+    """Seconds to load the agent and all its blocks, and the tokens it holds."""
     started = time.perf_counter()
-    snap = store.load(agent, tag)
+    saved = store.load_agent(agent)
+    blocks = store.load_blocks({k for b in saved.branches for k in b.block_keys})
     elapsed = time.perf_counter() - started
-    assert snap is not None
-    return elapsed
+    assert saved is not None and len(blocks) == len({k for b in saved.branches for k in b.block_keys})
+    return elapsed, len(saved.branches[0].tokens)
+
+
+def read_files(paths: list[Path]) -> float:
+    return sum(read_sequential(p) for p in paths)
+
+
+def drop_all(paths: list[Path]) -> None:
+    for p in paths:
+        drop_from_page_cache(p)
 
 
 # ---------------------------------------------------------------- main
@@ -255,15 +293,14 @@ def main(argv=None) -> int:
         # ---- cold and warm, one server
         srv = Server(cache_dir, tmp).start()
         servers.append(srv)
-        store = CacheStore(cache_dir / "kv")
         srv.stream([{"role": "user", "content": "Hello"}], None)  # warm-up (no agent: ephemeral)
         for a in agents:
             cold = srv.stream(convs[a], a)
-            wait_saved(store, a, srv.tag, held(cold))
+            wait_saved(cache_dir, a, srv.tag, held(cold))
             convs[a] += [{"role": "assistant", "content": cold["text"]},
                          {"role": "user", "content": "Summarise your answer in one sentence."}]
             warm = srv.stream(convs[a], a)
-            wait_saved(store, a, srv.tag, held(warm))
+            wait_saved(cache_dir, a, srv.tag, held(warm))
             convs[a] += [{"role": "assistant", "content": warm["text"]},
                          {"role": "user", "content": "Thanks. Which test would you add first?"}]
             turns[a].update(cold=cold, warm=warm)
@@ -272,9 +309,9 @@ def main(argv=None) -> int:
         shutdown_s = srv.stop()
 
         # ---- restart: restore from disk
-        files = {a: store.path_for(a, srv.tag) for a in agents}
-        for path in files.values():
-            drop_from_page_cache(path)
+        files = {a: agent_files(cache_dir, srv.tag, a) for a in agents}
+        for paths in files.values():
+            drop_all(paths)
         srv = Server(cache_dir, tmp).start()
         servers.append(srv)
         srv.stream([{"role": "user", "content": "Hello"}], None)  # warm-up, as before the cold runs
@@ -286,20 +323,20 @@ def main(argv=None) -> int:
         srv.stop()
 
         # ---- load speed vs sequential read of the same files
-        store = CacheStore(cache_dir / "kv")
+        store = BlockStore(cache_dir / "kv", srv.tag, block_tokens=BLOCK_TOKENS)  # the server is stopped
         load = {"disk": {"read_s": [], "load_s": []}, "page_cache": {"read_s": [], "load_s": []}}
         sizes, tokens = {}, {}
         for a in agents:
-            path = files[a]
-            sizes[a] = path.stat().st_size
-            tokens[a] = store.load(a, srv.tag).n_tokens
+            paths = files[a]
+            sizes[a] = sum(p.stat().st_size for p in paths)
             for _ in range(2):
-                drop_from_page_cache(path)
-                load["disk"]["read_s"].append(read_sequential(path))
-                drop_from_page_cache(path)
-                load["disk"]["load_s"].append(time_load(store, a, srv.tag))
-                load["page_cache"]["read_s"].append(read_sequential(path))
-                load["page_cache"]["load_s"].append(time_load(store, a, srv.tag))
+                drop_all(paths)
+                load["disk"]["read_s"].append(read_files(paths))
+                drop_all(paths)
+                seconds, tokens[a] = time_load(store, a)
+                load["disk"]["load_s"].append(seconds)
+                load["page_cache"]["read_s"].append(read_files(paths))
+                load["page_cache"]["load_s"].append(time_load(store, a)[0])
     finally:
         for s in servers:
             s.kill()
@@ -368,7 +405,7 @@ def main(argv=None) -> int:
              throughput[where]["load_s"] / throughput[where]["read_s"]]
             for where in ("disk", "page_cache")
         ],
-        ["cache file", "read MB/s", "CacheStore.load MB/s", "load / read"],
+        ["cache files", "read MB/s", "BlockStore load MB/s", "load / read"],
     ))
     print(f"\nbytes per token of context: {result['bytes_per_token']['disk']:.0f} on disk, "
           f"{kv_bytes_per_token} in memory (float32 KV)")

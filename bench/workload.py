@@ -179,6 +179,70 @@ def system_prompt(agent: int, nonce: str) -> str:
     )
 
 
+TOOL_DOCS = """\
+# Tools
+You can call the following tools. Each call is a JSON object with the tool's name and its arguments.
+
+## Read
+Reads a file from the local filesystem. Arguments: {"file_path": string (absolute path), "offset": \
+integer (line to start from, optional), "limit": integer (number of lines, optional)}. By default it \
+reads up to 2000 lines from the start of the file. Lines longer than 2000 characters are truncated. \
+Results are returned with line numbers starting at 1. Read a file before you edit it.
+
+## Edit
+Performs exact string replacements in a file. Arguments: {"file_path": string, "old_string": string, \
+"new_string": string, "replace_all": boolean (optional)}. The edit fails if old_string is not unique \
+in the file unless replace_all is true; give more surrounding context to make it unique. Preserve the \
+exact indentation of the file.
+
+## Write
+Writes a file, overwriting it if it exists. Arguments: {"file_path": string, "content": string}. Prefer \
+editing existing files; never create documentation files unless the user asks for them.
+
+## Bash
+Runs a shell command in a persistent shell session. Arguments: {"command": string, "timeout": integer \
+(milliseconds, optional, at most 600000), "description": string (five to ten words)}. Quote paths \
+that contain spaces. Avoid find, grep, cat, head and tail: use the dedicated tools instead. Never use \
+interactive flags such as -i. Chain dependent commands with &&.
+
+## Glob
+Finds files by name pattern. Arguments: {"pattern": string (for example "**/*.py"), "path": string \
+(directory to search, optional)}. Returns matching paths sorted by modification time.
+
+## Grep
+Searches file contents with regular expressions. Arguments: {"pattern": string, "path": string \
+(optional), "glob": string (optional file filter), "output_mode": "content" | "files_with_matches" | \
+"count", "-i": boolean (case insensitive), "-n": boolean (line numbers), "context": integer}. Supports \
+full regular expression syntax; literal braces need escaping.
+
+## TodoWrite
+Creates and manages a structured task list for the session. Arguments: {"todos": [{"content": string, \
+"status": "pending" | "in_progress" | "completed", "activeForm": string}]}. Use it for tasks with \
+three or more steps; mark each task completed as soon as it is done, and keep exactly one task in \
+progress at a time.
+
+## WebFetch
+Fetches a URL and answers a question about its content. Arguments: {"url": string, "prompt": string}. \
+HTTP URLs are upgraded to HTTPS. Results may be summarised when the content is very large.
+"""
+
+
+def shared_system_prompt(nonce: str) -> str:
+    """One system prompt for every agent (the shared-prefix workload): instructions and
+    tool documentation, as Claude Code and most agent frameworks send for every session."""
+    return f"Run {nonce}.\n\n{SHARED_INSTRUCTIONS}\n{TOOL_DOCS}"
+
+
+def project_context(agent: int) -> str:
+    """The agent-specific part of system_prompt, as the first user turn's preamble."""
+    name, stack, root, files, test, lint = PROJECTS[agent % len(PROJECTS)]
+    tree = "\n".join(f"  {root}/{f}" for f in files)
+    return (
+        f"I am agent {agent}. Working directory: /home/dev/{name}. Project {name}, stack: {stack}. "
+        f"Tests: `{test}`; lint: `{lint}`.\nRepository layout (abridged):\n{tree}\n\n"
+    )
+
+
 def user_message(agent: int, turn: int) -> str:
     name, stack, root, files, test, lint = PROJECTS[agent % len(PROJECTS)]
     task = TURN_TASKS[turn % len(TURN_TASKS)]

@@ -68,9 +68,9 @@ def error_body(status: int, message: str) -> dict:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def error_response(status: int, message: str) -> web.Response:
+def error_response(status: int, message: str, headers: dict | None = None) -> web.Response:
     """An error in Anthropic's shape."""
-    return json_response(error_body(status, message), status=status)
+    return json_response(error_body(status, message), status=status, headers=headers)
 
 
 def refusal(exc: TurnRefused) -> tuple[int, str]:
@@ -132,7 +132,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 return await _stream(request, turn, reply)
             return await _complete(turn, reply)
     except TurnRefused as exc:
-        return error_response(*refusal(exc))
+        retry = {"retry-after": str(round(exc.retry_after))} if exc.retry_after else None
+        return error_response(*refusal(exc), headers=retry)
     except ClientGone:
         return web.Response(status=499)
 

@@ -52,15 +52,19 @@ def stop_reason(done: TurnDone, used_tools: bool) -> str:
 
 
 def usage(done: TurnDone | None) -> dict:
-    """input_tokens is the whole prompt (== count_tokens); cache_read of it came from
-    the agent's cache, cache_creation went through the model this turn."""
+    """Anthropic's meaning: the prompt is input_tokens + cache_read_input_tokens +
+    cache_creation_input_tokens, and Claude Code adds the three up to judge how full
+    its context is. cache_read is what came from the agent's cache; input_tokens the
+    rest, which went through the model (greenroom caches it all as a side effect, so
+    nothing is counted as a separate cache write). On a cold prompt input_tokens is
+    the whole prompt, which is what count_tokens returns."""
     if done is None:  # message_start: the counts are known only when the turn ends
         return {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
     return {
-        "input_tokens": done.prompt_tokens,
+        "input_tokens": done.prompt_tokens - done.cached_tokens,
         "output_tokens": done.completion_tokens,
         "cache_read_input_tokens": done.cached_tokens,
-        "cache_creation_input_tokens": done.prefilled_tokens,
+        "cache_creation_input_tokens": 0,
     }
 
 

@@ -28,16 +28,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from actors.cachestore import CacheStore
 from actors.diskbudget import default_disk_budget
 from actors.messages import AbortAll, GetModel
 from actors.model import ModelActor, ModelSlot
+from actors.prefix_pool import PrefixPool
 from actors.pool import IO_THREADS, Persistence, SessionPool, close_io
 from actors.scheduler import SchedulerActor
 from actors.session import SessionActor
 from actors.supervisor import Admission, Status, SupervisorActor
 from gateway import security
 from gateway.control import ControlServer
+from runtime.errors import ActorError
 from runtime.metrics import Registry
 from runtime.supervision import ChildSpec, Restart, RestartIntensity
 from runtime.system import ActorSystem
@@ -76,7 +77,10 @@ class ServerConfig:
     api_key: str | None = None
     persist: bool = True
     control_socket: Path | None = None  # default: <cache_dir>/control.sock
-    drain_timeout: float = 30.0  # graceful shutdown: how long running turns may finish
+    drain_timeout: float = 30.0  # graceful shutdown, drain, swap: how long turns may finish or wait
+    stall_timeout: float = 600.0  # a turn with no progress for this long is ended with an error
+    shared_prefix: bool = True  # agents share cached prompt prefixes (--no-shared-prefix: each its own)
+    max_branches: int = 4  # conversations cached per agent id
     cors_origins: tuple[str, ...] = ()  # normalized origins (security.parse_origin_arg); never "*"
     disk_budget_bytes: int | None = None  # cap on the KV cache files; None: default_disk_budget
     metrics_public: bool = False  # /metrics without the API key
@@ -122,18 +126,20 @@ class Server:
         }
 
     def disk(self) -> dict:
-        """The loaded tag's cache files against the disk budget, from the in-memory
-        index (no directory read); {} with --no-persist."""
+        """The loaded tag's cache files against the disk budget, from the store's
+        in-memory index (no directory read); {} with --no-persist."""
         persistence = self.pool.persistence
         if persistence is None:
             return {}
-        budget, index = persistence.budget, persistence.index
+        stats = persistence.stats()
         return {
-            "disk_budget_bytes": budget.budget_bytes if budget else None,
-            "disk_used_bytes": index.used_bytes,
-            "disk_files": index.count,
-            "disk_junk_files": index.junk_count,
-            "disk_evictions": budget.evictions if budget else 0,
+            "disk_budget_bytes": stats["budget_bytes"],
+            "disk_used_bytes": stats["used_bytes"],
+            "disk_files": stats["files"],
+            "disk_agent_files": stats["agent_files"],
+            "disk_shared_blocks": stats["blocks"],
+            "disk_junk_files": stats["junk_files"],
+            "disk_evictions": stats["evictions"],
         }
 
 
@@ -295,7 +301,14 @@ def make_cors_headers(config: ServerConfig):
 
 
 async def health(request: web.Request) -> web.Response:
-    data = await request.app[SERVER].health()
+    try:
+        data = await request.app[SERVER].health()
+    except (ActorError, TimeoutError) as exc:
+        # An actor is restarting (or too busy to answer): unhealthy for now, in JSON.
+        body = {"status": "restarting"}
+        if request[AUTHENTICATED]:
+            body["detail"] = f"{type(exc).__name__}: {exc}"
+        return json_response(body, status=503, headers={"Retry-After": "1"})
     # Draining and swapping still accept requests (they wait); degraded is over budget.
     status = 503 if data["status"] == "degraded" else 200
     if not request[AUTHENTICATED]:  # --api-key set, none given: up or not, nothing more
@@ -311,21 +324,27 @@ async def metrics(request: web.Request) -> web.Response:
     registry.gauge("greenroom_pool_budget_bytes", "KV cache budget").set(pool.budget_bytes)
     registry.gauge("greenroom_active_sessions", "Sessions in memory").set(pool.active)
     persistence = server.pool.persistence
-    if persistence is not None:  # all from the in-memory index: no directory read
-        index, budget = persistence.index, persistence.budget
-        registry.gauge("greenroom_disk_used_bytes", "Bytes of the loaded model's KV cache files").set(index.used_bytes)
-        registry.gauge("greenroom_disk_files", "KV cache files of the loaded model, junk included").set(index.count)
-        registry.gauge("greenroom_disk_junk_files", "Corrupt or stale cache files (removed first)").set(index.junk_count)
-        if budget is not None:
-            registry.gauge("greenroom_disk_budget_bytes", "Cap on the KV cache files (--disk-budget)").set(budget.budget_bytes)
-            registry.counter("greenroom_disk_evictions_total", "Files removed to stay under the disk budget").value = budget.evictions
-            registry.counter("greenroom_disk_evicted_bytes_total", "Bytes removed to stay under the disk budget").value = budget.evicted_bytes
-            registry.counter("greenroom_disk_writes_refused_total", "Cache saves that could not fit the disk budget").value = budget.refused
+    if persistence is not None:  # all from the store's in-memory index: no directory read
+        stats = persistence.stats()
+        registry.gauge("greenroom_disk_used_bytes", "Bytes of the loaded model's KV cache files").set(stats["used_bytes"])
+        registry.gauge("greenroom_disk_files", "KV cache files of the loaded model, junk included").set(stats["files"])
+        registry.gauge("greenroom_disk_shared_blocks", "KV blocks on disk, each written once").set(stats["blocks"])
+        registry.gauge("greenroom_disk_junk_files", "Corrupt or stale cache files (removed first)").set(stats["junk_files"])
+        if stats["budget_bytes"] is not None:
+            registry.gauge("greenroom_disk_budget_bytes", "Cap on the KV cache files (--disk-budget)").set(stats["budget_bytes"])
+        registry.counter("greenroom_disk_evictions_total", "Files removed to stay under the disk budget").value = stats["evictions"]
+        registry.counter("greenroom_disk_evicted_bytes_total", "Bytes removed to stay under the disk budget").value = stats["evicted_bytes"]
+        registry.counter("greenroom_disk_writes_refused_total", "Cache saves that could not fit the disk budget").value = stats["refused"]
+    prefixes = server.pool.prefixes
+    if prefixes is not None:
+        registry.gauge("greenroom_shared_prefix_bytes", "KV bytes of the prefix pool (each block once)").set(prefixes.nbytes)
+        registry.gauge("greenroom_shared_prefix_blocks", "Blocks in the prefix pool").set(len(prefixes.blocks))
+        registry.counter("greenroom_shared_prefix_block_hits_total", "Blocks a turn started from instead of prefilling").value = prefixes.hits
     return web.Response(text=registry.render(), content_type="text/plain")
 
 
 def build_app(config: ServerConfig) -> web.Application:
-    from gateway import openai
+    from gateway import anthropic, openai, openapi
 
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=make_middlewares(config))
     app.on_response_prepare.append(make_cors_headers(config))
@@ -333,12 +352,15 @@ def build_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     openai.add_routes(app)
+    anthropic.add_routes(app)  # POST /v1/messages, /v1/messages/count_tokens; GET|HEAD /
+    openapi.add_routes(app)  # GET|HEAD /openapi.json
     return app
 
 
 async def _lifecycle(app: web.Application, config: ServerConfig):
     registry = Registry()
     slot = ModelSlot(config.model)
+    prefixes = PrefixPool("")  # one copy of every cached prefix; keyed by the model tag below
     children = [
         ChildSpec(
             "model",
@@ -347,7 +369,13 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
         ),
         ChildSpec(
             "scheduler",
-            lambda: SchedulerActor(system.ref("model"), max_batch=config.max_batch, registry=registry),
+            lambda: SchedulerActor(
+                system.ref("model"),
+                max_batch=config.max_batch,
+                prefill_chunk=config.prefill_chunk,
+                registry=registry,
+                prefixes=prefixes,
+            ),
             restart=Restart.PERMANENT,
         ),
     ]
@@ -355,17 +383,24 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
     io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="greenroom-io")
     async with system:
         loaded = await system.ref("model").ask(GetModel(), timeout=10)
+        prefixes.reset(loaded.tag)
         persistence = None
         if config.persist:
-            persistence = await _open_persistence(config, system.ref("model"), loaded.tag, io)
+            persistence = await _open_persistence(config, loaded.tag, io)
 
         def make_session(agent_id: str, persistence):
             return SessionActor(
                 agent_id,
                 scheduler=system.ref("scheduler"),
                 loaded=pool.loaded,
+                prefixes=prefixes,
+                # One scope shares prefixes between agents (greenroom serves one API key);
+                # --no-shared-prefix gives every agent its own.
+                scope="" if config.shared_prefix else agent_id,
                 persistence=persistence,
+                io=io,
                 default_max_tokens=config.default_max_tokens,
+                max_branches=config.max_branches,
             )
 
         pool = SessionPool(
@@ -375,6 +410,7 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
             persistence=persistence,
             budget_bytes=config.cache_budget_bytes,
             session_factory=make_session,
+            prefixes=prefixes,
         )
         admission = Admission()
         shutdown = asyncio.Event()
@@ -399,8 +435,6 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
         app[SERVER] = Server(
             config, system, pool, admission, registry, shutdown, started, time.time()
         )
-        if persistence is not None:
-            await persistence.trim()  # the budget may be lower than last run's files
         try:
             yield
         finally:
@@ -411,14 +445,12 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
     close_io(io)  # waits for the writes; frees MLX's streams on the I/O threads
 
 
-async def _open_persistence(config: ServerConfig, model, tag: str, io) -> Persistence:
-    """The cache store opens off the loop: it sweeps temp files and indexes every tag dir."""
-    loop = asyncio.get_running_loop()
+async def _open_persistence(config: ServerConfig, tag: str, io) -> Persistence:
+    """The block store opens off the loop: it sweeps temp files and indexes the tag dir."""
     budget = config.disk_budget_bytes
     if budget is None:
-        budget = await loop.run_in_executor(io, default_disk_budget, Path(config.cache_dir))
-    store = await loop.run_in_executor(io, CacheStore, Path(config.cache_dir) / "kv", budget)
-    return Persistence(store, model, tag, io)
+        budget = await asyncio.get_running_loop().run_in_executor(io, default_disk_budget, Path(config.cache_dir))
+    return await Persistence.open(Path(config.cache_dir) / "kv", tag, io, budget)
 
 
 async def _save_everything(system: ActorSystem, admission: Admission, pool: SessionPool) -> None:

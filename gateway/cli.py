@@ -69,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--disk-budget", type=parse_disk_budget, default=None, help="cap on the KV cache files on disk, e.g. 20G (default: 25%% of the cache dir's free space at startup, 256M..32G)")
     serve.add_argument("--no-persist", action="store_true", help="keep KV caches in memory only")
     serve.add_argument("--control-socket", type=Path, default=None, help="default: CACHE_DIR/control.sock")
-    serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout, help="on shutdown, seconds running turns may finish")
+    serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout,
+                       help="seconds running turns may finish on shutdown, and new ones may wait during a drain or swap (then 503)")
+    serve.add_argument("--branches", type=int, default=defaults.max_branches,
+                       help="conversations cached per agent id (least recently used out first)")
+    serve.add_argument("--no-shared-prefix", action="store_true",
+                       help="never reuse one agent's cached prompt prefix for another")
+    serve.add_argument("--stall-timeout", type=float, default=defaults.stall_timeout,
+                       help="a turn with nothing prefilled or generated for this long ends with an error")
     serve.add_argument("--log-level", default="INFO")
 
     ctl = sub.add_parser("ctl", help="admin commands over the control socket")
@@ -135,6 +142,9 @@ async def serve(args) -> int:
         persist=not args.no_persist,
         control_socket=args.control_socket,
         drain_timeout=args.drain_timeout,
+        stall_timeout=args.stall_timeout,
+        shared_prefix=not args.no_shared_prefix,
+        max_branches=max(1, args.branches),
         cors_origins=tuple(dict.fromkeys(args.cors_origin)),
         disk_budget_bytes=args.disk_budget,
         metrics_public=args.metrics_public,
@@ -154,11 +164,12 @@ async def serve(args) -> int:
     )
     print(f"control socket: {config.control_path}", flush=True)
     persistence = server.pool.persistence
-    if persistence is not None and persistence.budget is not None:
+    if persistence is not None and persistence.stats()["budget_bytes"] is not None:
+        stats = persistence.stats()
         how = "--disk-budget" if args.disk_budget else "25% of free space at startup; set it with --disk-budget"
         print(
-            f"disk budget: {human_size(persistence.budget.budget_bytes)} for KV cache files in "
-            f"{persistence.store.root} ({how}); {human_size(persistence.index.used_bytes)} used",
+            f"disk budget: {human_size(stats['budget_bytes'])} for KV cache files in "
+            f"{persistence.store.dir} ({how}); {human_size(stats['used_bytes'])} used",
             flush=True,
         )
     stop = server.shutdown_requested

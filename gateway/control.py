@@ -40,6 +40,10 @@ log = logging.getLogger("greenroom.control")
 MAX_LINE = 64 * 1024
 MAX_DRAIN_TIMEOUT = 3600.0
 ASK_TIMEOUT = 30.0
+# A swap answers when done: drain (its own timeout) + saving + loading (the
+# supervisor's load timeout, 600 s) + a first forward pass; past this the
+# operator gets an error rather than a command that never returns.
+SWAP_DEADLINE_S = 900.0
 
 
 class BadCommand(Exception):
@@ -154,7 +158,7 @@ class ControlServer:
         try:
             result = await self.supervisor.ask(command, timeout=ASK_TIMEOUT)
             if isinstance(result, asyncio.Future):  # a swap: wait for it outside the actor
-                result = await result
+                result = await asyncio.wait_for(asyncio.shield(result), SWAP_DEADLINE_S + command.drain_timeout)
         except CommandError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:

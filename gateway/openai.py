@@ -74,7 +74,8 @@ async def _serve(request, parse, prefix, complete, make_chunks) -> web.StreamRes
             body = complete(events, call, ident, created, server.loaded.tag)
             return json_response(body, headers={"X-Agent-Id": turn.agent_id})
     except TurnRefused as exc:
-        return error_response(exc.status, exc.message, exc.code)
+        retry = {"Retry-After": str(round(exc.retry_after))} if exc.retry_after else None
+        return error_response(exc.status, exc.message, exc.code, headers=retry)
     except ClientGone:
         return web.Response(status=499)
 

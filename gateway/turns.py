@@ -4,24 +4,28 @@ Both gateways (OpenAI, Anthropic) translate their request into one ChatRequest,
 then:
 
     async with open_turn(request, server, chat, agent_id) as turn:
-        first = await turn.first()          # TurnRejected -> raise TurnRefused
+        first = await turn.first()          # refused -> raises TurnRefused
         async for event in turn.events():   # TextDelta, ReasoningDelta, ToolCallEvent ... TurnDone
             ...
 
-The turn is cancelled (the scheduler frees its slot) when the client goes away
-or the handler leaves the block early, and an ephemeral session is released.
+Every wait here has a deadline: the client is checked every DISCONNECT_POLL_S
+(gone: the turn is cancelled and ClientGone raised), and a turn that makes no
+progress for `stall_timeout` seconds (nothing prefilled or generated for it) is
+failed, so its client gets a final event even if something below hangs. Leaving
+the block early cancels the turn; an ephemeral session is released.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import time
+from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from aiohttp import web
 
-from actors.messages import CancelRequested, ChatRequest, ChatTurn, TurnDone, TurnRejected
+from actors.messages import ChatRequest, TurnDone, TurnRejected
+from actors.turn import Turn as ActorTurn
 from runtime.actor import ActorError, MailboxFull
 
 # How often a waiting handler checks whether its client is still connected.
@@ -31,12 +35,14 @@ DISCONNECT_POLL_S = 0.25
 class TurnRefused(Exception):
     """The turn never started: the gateway answers `status` in its API's error shape."""
 
-    def __init__(self, status: int, message: str, code: str = "invalid_request_error", rejected=None):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error", rejected=None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.rejected: TurnRejected | None = rejected  # prompt_tokens / limit for context errors
+        self.retry_after = retry_after  # seconds, for a 503 the client should retry
 
 
 class ClientGone(Exception):
@@ -48,25 +54,31 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-@dataclass(slots=True)
 class Turn:
-    request: web.Request
-    agent_id: str
-    chat_turn: ChatTurn
-    done: TurnDone | None = None
-    _first: object | None = None
-    _cancelled: bool = False
+    """The handler's view of one turn (actors/turn.py holds its state)."""
+
+    def __init__(self, request: web.Request, turn: ActorTurn, stall_timeout: float):
+        self.request = request
+        self.turn = turn
+        self.agent_id = turn.agent_id
+        self.stall_timeout = stall_timeout
+        self._pending: deque = deque()
+        self._first = None
+        self.done: TurnDone | None = None  # once events() yielded it
 
     async def _next(self):
-        """The session's next event; raises ClientGone once the client disconnected."""
-        events = self.chat_turn.events
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                if client_gone(self.request):
-                    self.cancel()
-                    raise ClientGone() from None
+        """The turn's next event; raises ClientGone once the client disconnected."""
+        while not self._pending:
+            events = await self.turn.next_events(DISCONNECT_POLL_S)
+            if events:
+                self._pending.extend(events)
+                break
+            if client_gone(self.request):
+                self.cancel()
+                raise ClientGone()
+            if time.monotonic() - self.turn.last_progress > self.stall_timeout:
+                self.turn.fail(f"no progress for {self.stall_timeout:.0f}s; the turn was ended")
+        return self._pending.popleft()
 
     async def first(self):
         """Wait for the turn to start (or be refused). Returns its first event."""
@@ -89,25 +101,27 @@ class Turn:
             event = await self._next()
 
     def cancel(self) -> None:
-        if not self._cancelled and self.done is None:
-            self._cancelled = True
-            self.chat_turn.inbox.put_nowait(CancelRequested())
+        self.turn.cancel()
 
 
 @contextlib.asynccontextmanager
 async def open_turn(request: web.Request, server, chat: ChatRequest, agent_id: str | None):
     """Submit `chat` to the agent's session; yields the running Turn."""
-    # During a drain or a model swap new turns wait here; they are not rejected.
-    async with server.admission.turn():
+    config = server.config
+    # During a drain or a model swap new turns wait here, up to the drain timeout.
+    async with server.admission.turn(config.drain_timeout) as admitted:
+        if not admitted:
+            raise TurnRefused(503, "the server is draining or switching models; retry shortly",
+                              "server_busy", retry_after=max(1.0, config.drain_timeout / 4))
         ephemeral = agent_id is None
         if ephemeral:
             agent_id, session = await server.pool.ephemeral()
         else:
             session = await server.pool.session(agent_id)
-        turn = Turn(request, agent_id, ChatTurn(chat, asyncio.Queue(), asyncio.Queue()))
+        turn = Turn(request, ActorTurn(chat, agent_id), config.stall_timeout)
         try:
             try:
-                session.tell(turn.chat_turn)
+                session.tell(turn.turn)
             except MailboxFull:
                 raise TurnRefused(429, f"agent {agent_id!r} has too many queued turns", "rate_limit_exceeded")
             except ActorError as exc:

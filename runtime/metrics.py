@@ -9,6 +9,12 @@ import bisect
 from dataclasses import dataclass, field
 
 
+def _num(value: float) -> str:
+    """Exact and short: 67108864, not 6.71089e+07 (%g keeps only 6 digits)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e18 else repr(value)
+
+
 @dataclass(slots=True)
 class Counter:
     name: str
@@ -19,7 +25,7 @@ class Counter:
         self.value += amount
 
     def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter", f"{self.name} {self.value:g}"]
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter", f"{self.name} {_num(self.value)}"]
 
 
 @dataclass(slots=True)
@@ -32,7 +38,7 @@ class Gauge:
         self.value = value
 
     def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {self.value:g}"]
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {_num(self.value)}"]
 
 
 @dataclass(slots=True)
@@ -61,7 +67,7 @@ class Histogram:
             running += count
             lines.append(f'{self.name}_bucket{{le="{bound:g}"}} {running}')
         lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.n}')
-        lines.append(f"{self.name}_sum {self.total:g}")
+        lines.append(f"{self.name}_sum {_num(self.total)}")
         lines.append(f"{self.name}_count {self.n}")
         return lines
 

@@ -45,6 +45,12 @@ class _StopChild:
 
 
 @dataclass(frozen=True, slots=True)
+class _RestartChild:
+    name: str
+    reply: asyncio.Future[ActorRef]
+
+
+@dataclass(frozen=True, slots=True)
 class _Shutdown:
     pass
 
@@ -77,7 +83,7 @@ class Supervisor:
         self._intensity = RestartIntensity(limit.max_restarts, limit.period)  # our own history
         self._on_restart = on_restart
         self._children: dict[str, Child] = {}  # in start order; a restart keeps its place
-        self._inbox: asyncio.Queue[Exited | _StartChild | _StopChild | _Shutdown] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Exited | _StartChild | _StopChild | _RestartChild | _Shutdown] = asyncio.Queue()
         self._group: asyncio.TaskGroup | None = None
         self._phase = _Phase.NEW
         self._deadline: float | None = None  # of the requested shutdown
@@ -156,6 +162,12 @@ class Supervisor:
         """Stop a child (bounded by its shutdown_timeout) and forget it; KeyError if unknown."""
         await self._request(_StopChild(name, asyncio.get_running_loop().create_future()))
 
+    async def restart_child(self, name: str) -> ActorRef:
+        """Stop a child gracefully and start a fresh incarnation (an operator's restart).
+
+        Not a crash: it does not count toward the restart intensity. KeyError if unknown."""
+        return await self._request(_RestartChild(name, asyncio.get_running_loop().create_future()))
+
     def ref(self, name: str) -> ActorRef:
         child = self._children.get(name)
         if child is None or child.ref is None:
@@ -209,6 +221,20 @@ class Supervisor:
                         _settle(reply, await self._add(spec))
                     except Exception as exc:
                         _settle(reply, error=exc)
+                case _RestartChild(name, reply):
+                    child = self._children.get(name)
+                    if child is None:
+                        _settle(reply, error=KeyError(f"supervisor {self.name!r} has no child {name!r}"))
+                        continue
+                    await self._stop_one(child)  # its exit report is then stale and ignored
+                    try:
+                        assert self._group is not None
+                        _settle(reply, await child.launch(self._group))
+                    except Exception as exc:  # it does not start again: as a crash would
+                        _settle(reply, error=exc)
+                        problem = await self._on_exit(Exited(child, child.ref.actor, exc))
+                        if problem is not None:
+                            return problem
                 case _StopChild(name, reply):
                     child = self._children.pop(name, None)
                     if child is None:
@@ -273,7 +299,7 @@ class Supervisor:
             except Exception:  # a metrics hook must not break supervision
                 log.exception("supervisor %r: on_restart hook failed", self.name)
 
-    async def _request(self, item: _StartChild | _StopChild) -> Any:
+    async def _request(self, item: _StartChild | _StopChild | _RestartChild) -> Any:
         if self._phase is _Phase.NEW:
             raise RuntimeError(f"supervisor {self.name!r} is not running")
         if self._phase is _Phase.DONE or self._stop_requested:
@@ -284,7 +310,7 @@ class Supervisor:
     def _fail_requests(self) -> None:
         while not self._inbox.empty():
             item = self._inbox.get_nowait()
-            if isinstance(item, (_StartChild, _StopChild)):
+            if isinstance(item, (_StartChild, _StopChild, _RestartChild)):
                 _settle(item.reply, error=ActorStopped(f"supervisor {self.name!r} stopped"))
 
 

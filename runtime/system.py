@@ -105,6 +105,10 @@ class ActorSystem:
     async def stop_child(self, name: str) -> None:
         await self._root.stop_child(name)
 
+    async def restart_child(self, name: str) -> ActorRef:
+        """An operator's restart: graceful, and not counted toward the restart intensity."""
+        return await self._root.restart_child(name)
+
     async def _run_root(self) -> None:
         try:
             await self._root.run()

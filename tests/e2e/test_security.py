@@ -233,12 +233,20 @@ def test_host_header_is_parsed_and_required(server):
 
 
 def tag_files(srv, tag: str) -> dict[str, int]:
+    """Every file under the tag dir (agent files, shared block segments, junk), by relative name."""
     d = srv.cache_dir / "kv" / tag
-    return {p.name: p.stat().st_size for p in d.iterdir() if p.is_file()}
+    files = {}
+    for p in d.rglob("*"):
+        try:
+            if p.is_file():
+                files[str(p.relative_to(d))] = p.stat().st_size
+        except FileNotFoundError:
+            continue  # removed while listed
+    return files
 
 
 def file_of(agent: str) -> str:
-    return f"{agent}.safetensors"  # lowercase ids: the name is the id
+    return f"agents/{agent}.safetensors"  # lowercase ids: the name is the id
 
 
 def wait_for_file(srv, tag: str, agent: str, timeout: float = 60) -> None:
@@ -324,7 +332,7 @@ def test_ids_that_differ_only_in_case_keep_their_own_cache(server):
     for agent, conv in convs.items():
         status, firsts[agent] = server.chat(conv, agent=agent, temperature=0, max_tokens=3)
         assert status == 200, firsts[agent]
-    d = server.cache_dir / "kv" / tag
+    d = server.cache_dir / "kv" / tag / "agents"
     deadline = time.monotonic() + 60
     while True:
         names = [p.name for p in d.iterdir() if p.name.lower().startswith(f"caps-{suffix}") and not p.name.startswith(".")]

@@ -1,22 +1,15 @@
-"""The disk budget: its policy on an index of named files, and the budget as
-Persistence applies it to real cache files (no model: snapshots are built here)."""
+"""The disk budget: its policy on an index of named files (the block store applies it
+to real files: tests/unit/test_blockstore.py)."""
 
 from __future__ import annotations
 
-import logging
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import actors  # noqa: F401  (prepares MLX for the host before mlx.core is imported)
-import mlx.core as mx
 
 from actors import diskbudget
-from actors.cachestore import CacheSnapshot, CacheStore, estimated_file_size, file_name
 from actors.diskbudget import BudgetExceeded, DiskBudget, DiskFile, DiskIndex, choose_victims
-from actors.pool import Persistence
 
 TAG = "0a1b2c3d"
 MB = 1 << 20
@@ -117,105 +110,3 @@ def test_default_budget_is_a_share_of_free_space_within_bounds(monkeypatch, tmp_
     for free, want in ((40 << 30, 10 << 30), (100 << 20, diskbudget.MIN_DEFAULT_BYTES), (1 << 40, diskbudget.MAX_DEFAULT_BYTES)):
         monkeypatch.setattr(os, "statvfs", lambda path, free=free: Stat(free))
         assert diskbudget.default_disk_budget(tmp_path / "not" / "yet") == want
-
-
-# ---------------------------------------------------------------- applied to cache files
-
-
-def snapshot(agent: str, n_tokens: int) -> CacheSnapshot:
-    k = mx.zeros((1, 2, n_tokens, 64))
-    mx.eval(k)
-    return CacheSnapshot(agent, TAG, tuple(range(n_tokens)), ((k, k), (k, k)))
-
-
-class Disk:
-    """Persistence's write path without the model: plan on the caller's thread
-    (the loop's role), write on an I/O thread."""
-
-    def __init__(self, root, budget_bytes, active=()):
-        self.io = ThreadPoolExecutor(2)
-        self.store = CacheStore(root, budget_bytes)
-        self.persistence = Persistence(self.store, None, TAG, self.io)
-        self.active = set(active)
-        self.persistence.active_agents = lambda: self.active
-
-    def save(self, agent: str, n_tokens: int = 64) -> bool:
-        snap = snapshot(agent, n_tokens)
-        try:
-            plan = self.persistence._make_room(snap)
-        except BudgetExceeded:
-            return False
-        self.io.submit(self.persistence._write_sync, 1, snap, plan).result()
-        return True
-
-    def on_disk(self) -> dict[str, int]:
-        d = self.store.root / TAG
-        return {p.name: p.stat().st_size for p in d.iterdir()}
-
-    def close(self):
-        self.io.shutdown()
-
-
-@pytest.fixture
-def disk_of(tmp_path):
-    made = []
-
-    def make(budget_bytes, active=()):
-        made.append(Disk(tmp_path / "kv", budget_bytes, active))
-        return made[-1]
-
-    yield make
-    for d in made:
-        d.close()
-
-
-def test_saves_stay_under_the_budget_evicting_idle_agents_lru(disk_of, caplog):
-    one = estimated_file_size(snapshot("x", 64))
-    disk = disk_of(3 * one, active={"a1"})
-    with caplog.at_level(logging.INFO, logger="greenroom.pool"):
-        for i in range(8):
-            assert disk.save(f"a{i}")
-            time.sleep(0.01)  # distinct last-use times
-            files = disk.on_disk()
-            assert sum(files.values()) <= 3 * one
-            if i >= 1:
-                assert file_name("a1") in files  # active: kept although it is old
-            assert file_name(f"a{i}") in files
-    assert set(disk.on_disk()) == {file_name(a) for a in ("a1", "a6", "a7")}
-    assert disk.store.budget.evictions == 5
-    assert "evicting the saved cache of a0" in caplog.text
-    assert disk.persistence.index.used_bytes == sum(disk.on_disk().values())
-
-
-def test_corrupt_files_count_and_go_first_oldest_first(disk_of, tmp_path):
-    d = tmp_path / "kv" / TAG
-    d.mkdir(parents=True)
-    for name, age in (("old.safetensors.corrupt", 300), ("new.safetensors.corrupt", 100)):
-        (d / name).write_bytes(b"x" * 100_000)
-        os.utime(d / name, (time.time() - age, time.time() - age))
-    one = estimated_file_size(snapshot("x", 64))
-    disk = disk_of(2 * one + 150_000)
-    assert disk.persistence.index.used_bytes == 200_000  # counted from the start
-    assert disk.persistence.index.junk_count == 2
-    assert disk.save("a") and disk.save("b")  # the second one needs 50 kB: one .corrupt goes
-    assert set(disk.on_disk()) == {"new.safetensors.corrupt", file_name("a"), file_name("b")}
-    assert disk.save("c")  # then the other one
-    assert set(disk.on_disk()) == {file_name(a) for a in "abc"}
-    assert disk.save("d")  # then the least recently used agent
-    assert set(disk.on_disk()) == {file_name(a) for a in "bcd"}
-
-
-def test_a_file_bigger_than_the_budget_is_not_written(disk_of, caplog):
-    disk = disk_of(MB)
-    assert disk.save("small", 8)
-    assert not disk.save("big", 4096)  # ~4 MB of KV
-    assert set(disk.on_disk()) == {file_name("small")}
-    assert disk.store.budget.refused == 1
-
-
-def test_when_only_active_agents_hold_the_budget_the_new_file_is_not_written(disk_of):
-    one = estimated_file_size(snapshot("x", 64))
-    disk = disk_of(2 * one, active={"a", "b"})
-    assert disk.save("a") and disk.save("b")
-    assert not disk.save("c")
-    assert set(disk.on_disk()) == {file_name("a"), file_name("b")}

@@ -45,13 +45,13 @@ def test_chunk_shrinks_with_depth_so_a_step_never_costs_more_than_a_first_chunk(
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 128
 
 
-def test_several_prompts_share_one_budget_and_padding_counts():
+def test_several_prompts_share_one_budget_without_padding():
     budget = trained()
     one = budget.tokens_per_sequence([Prefilling(1000, 500)], decoding=True)
     four = budget.tokens_per_sequence([Prefilling(1000, 500)] * 4, decoding=True)
     assert MIN_TOKENS <= four < one
-    # A short prompt padded to the long one's width costs as much as the long one.
-    assert rows_and_area([Prefilling(0, 10), Prefilling(0, 200)], 256)[0] == 400
+    # Each prompt's chunk is its own model call: a short one costs only its own tokens.
+    assert rows_and_area([Prefilling(0, 10), Prefilling(0, 200)], 256)[0] == 210
 
 
 def test_never_below_the_minimum_chunk():
@@ -68,9 +68,11 @@ def test_tokens_only_history_falls_back_to_a_token_budget():
     assert budget.tokens_per_sequence([Prefilling(3000, 1000)], decoding=True) == 256
 
 
-def test_engine_shrinks_a_deep_prompts_chunks_only_while_another_agent_decodes():
-    """A real (tiny) model through BatchEngine: agent B's 3,000-token prompt goes in full
-    chunks while nobody decodes, and in smaller ones at depth once agent A decodes."""
+async def test_scheduler_shrinks_a_deep_prompts_chunks_only_while_another_agent_decodes():
+    """The real scheduler planning steps for a real (tiny) model's BatchEngine: agent B's
+    3,000-token prompt goes in full chunks while nobody decodes, and in smaller ones at
+    depth once agent A decodes."""
+    import asyncio
     from types import SimpleNamespace
 
     import actors  # noqa: F401  (OpenBLAS before mlx)
@@ -78,37 +80,59 @@ def test_engine_shrinks_a_deep_prompts_chunks_only_while_another_agent_decodes()
     from mlx_lm.models import llama
 
     from actors.engine import BatchEngine
-    from actors.messages import SamplingParams, SeqInsert, StepPlan
+    from actors.messages import ChatRequest, ExecuteStep, SamplingParams
+    from actors.scheduler import SchedulerActor, SubmitTurn
+    from actors.turn import Turn
 
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs.from_dict({
         "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 97,
     }))
-    loaded = SimpleNamespace(model=model, tokenizer=SimpleNamespace(eos_token_ids={0}))
-    engine = BatchEngine(loaded, max_batch=4, prefill_chunk=256)
+    loaded = SimpleNamespace(model=model, tokenizer=SimpleNamespace(eos_token_ids=set()), constraints=None)
+    engine = BatchEngine(loaded, max_batch=4)
+    chunks: dict[int, list[int]] = {}
+
+    class ModelRef:  # runs each plan on the engine, as the model actor does
+        actor = SimpleNamespace(alive=True)
+
+        async def ask(self, message, *, timeout):
+            await asyncio.sleep(0)  # the real model actor answers from its own thread
+            if isinstance(message, ExecuteStep):
+                for turn_id, n in message.plan.prefill:
+                    chunks.setdefault(turn_id, []).append(n)
+                return engine.step(message.plan)
+            return 0
+
     greedy = SamplingParams(temperature=0.0)
+    sched = SchedulerActor(ModelRef(), max_batch=4, prefill_chunk=256)
+    task = asyncio.create_task(sched.run())
 
-    def insert(turn_id, n, max_tokens):
-        return SeqInsert(turn_id, tuple(1 + i % 90 for i in range(n)), None, (), greedy, max_tokens)
+    def submit(n, max_tokens):
+        turn = Turn(ChatRequest(), "agent")
+        turn.prompt, turn.params, turn.max_tokens = tuple(1 + i % 90 for i in range(n)), greedy, max_tokens
+        sched.tell(SubmitTurn(turn))
+        return turn
 
-    def prefill_sizes(turn_id, until_decoding):
-        sizes = []
-        plan = StepPlan(inserts=(insert(turn_id, 3000, 1),))
-        for _ in range(200):
-            result = engine.step(plan)
-            plan = StepPlan()
-            if result.prefill_tokens:
-                sizes.append(result.prefill_tokens)
-            if any(t == until_decoding for t, _ in result.tokens):
-                return sizes
-        raise AssertionError("the prompt never finished")
+    async def until_first_token(turn):
+        for _ in range(12_000):
+            if turn.generated:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no first token")
 
-    alone = prefill_sizes(1, until_decoding=1)  # nobody else: full chunks, and the fit learns
+    try:
+        alone_turn = submit(3000, 1)  # nobody else: full chunks, and the fit learns
+        await until_first_token(alone_turn)
+        await until_first_token(submit(20, 10_000))  # agent A starts decoding
+        beside_turn = submit(3000, 1)
+        await until_first_token(beside_turn)
+    finally:
+        sched.stop()
+        await asyncio.wait([task], timeout=5)
+    alone, beside = chunks[alone_turn.id], chunks[beside_turn.id]
     assert alone[:-1] == [256] * (len(alone) - 1)
-    engine.step(StepPlan(inserts=(insert(2, 20, 10_000),)))  # agent A starts decoding
-    beside = prefill_sizes(3, until_decoding=3)
     assert beside[0] == 256  # at the start of a prompt a chunk costs what the budget allows
     assert max(beside[-4:-1]) < 256  # deep in it, the same compute buys fewer tokens
     assert min(beside[:-1]) >= 16  # the last one is whatever remained
-    assert sum(beside) == sum(alone)  # nothing skipped
+    assert sum(beside) == sum(alone) == 2999  # nothing skipped; the last token is the first decode input

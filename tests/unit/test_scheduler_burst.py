@@ -6,8 +6,9 @@ import asyncio
 from types import SimpleNamespace
 
 from actors import scheduler
-from actors.messages import ExecuteStep, SamplingParams, StepResult, SubmitTurn
-from actors.scheduler import SchedulerActor
+from actors.messages import ChatRequest, ExecuteStep, SamplingParams, StepResult
+from actors.scheduler import SchedulerActor, SubmitTurn
+from actors.turn import Turn
 
 
 class FakeModel:
@@ -26,8 +27,9 @@ class FakeModel:
 
 
 def _turn(turn_id):
-    return SubmitTurn(turn_id, f"agent-{turn_id}", (1, 2, 3), None, (), SamplingParams(temperature=0.0), 4,
-                      asyncio.Queue())
+    turn = Turn(ChatRequest(), f"agent-{turn_id}")
+    turn.prompt, turn.params, turn.max_tokens = (1, 2, 3), SamplingParams(temperature=0.0), 4
+    return SubmitTurn(turn)
 
 
 async def _first_step_inserts(gap_s: float) -> int:
