@@ -20,7 +20,8 @@ So the header (metadata, shapes, CRCs) verifies on its own: the store's index tr
 headers it reads at open without reading any data, and a load that reads only some
 blocks of a segment still checks each block it reads against its own CRC. Why CRC-32
 per array rather than a hash over all the data: see actors/cachestore.py (it guards
-against torn writes and bit rot, not an attacker; the files are 0600 in 0700 dirs).
+against torn writes and bit rot, not an attacker; the files are 0600 in 0700 dirs),
+which also holds the checksum primitives, file names and atomic writes.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from actors.cachestore import _BadFile as BadFile
-from actors.cachestore import _check_tokens, _digest, _hash_pool
+from actors.cachestore import digests
 
 __all__ = [
     "FORMAT_VERSION",
@@ -59,8 +59,11 @@ _ST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.int3
 _KV_DTYPES = ("F32", "F16", "BF16")
 _MAX_KEY_BYTES = 64
 _MAX_HEADER_BYTES = 64 << 20
-_PARALLEL_HASH_MIN_BYTES = 4 << 20
 _HEADER_SLACK = 64  # padding a safetensors writer may add
+
+
+class BadFile(Exception):
+    """A file's content is rejected; the message is the reason."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +81,8 @@ class SavedAgent:
 
 def array_crcs(arrays: Mapping[str, mx.array]) -> dict[str, str]:
     names = list(arrays)
-    bufs = [buffer(arrays[n]) for n in names]
-    if sum(b.nbytes for b in bufs) >= _PARALLEL_HASH_MIN_BYTES:
-        digests = list(_hash_pool().map(_digest, bufs))
-    else:
-        digests = [_digest(b) for b in bufs]
-    return {n: d.hex() for n, d in zip(names, digests)}
+    crcs = digests([buffer(arrays[n]) for n in names])
+    return {n: d.hex() for n, d in zip(names, crcs)}
 
 
 def buffer(a: mx.array) -> memoryview:
@@ -187,6 +186,15 @@ def kv_signature(name: str, a: object, n_tokens: int | None) -> tuple:
     return a.shape[0], a.shape[2], a.shape[4], a.dtype
 
 
+def check_tokens(tokens: Sequence[int]) -> tuple[int, ...]:
+    toks = tuple(int(t) for t in tokens)
+    if toks:
+        arr = np.fromiter(toks, dtype=np.int64, count=len(toks))
+        if int(arr.min()) < 0 or int(arr.max()) > np.iinfo(np.int32).max:
+            raise ValueError("token ids must be in [0, 2**31)")
+    return toks
+
+
 def check_key(key: object) -> bytes:
     if not isinstance(key, bytes) or not 1 <= len(key) <= _MAX_KEY_BYTES:
         raise ValueError(f"a block key must be 1-{_MAX_KEY_BYTES} bytes, got {key!r:.80}")
@@ -229,7 +237,7 @@ class BlockFormat:
         tokens: list[int] = []
         branches, tails, signature = [], {}, None
         for i, branch in enumerate(agent.branches):
-            toks = _check_tokens(branch.tokens)
+            toks = check_tokens(branch.tokens)
             keys = tuple(check_key(k) for k in branch.block_keys)
             n_tail = len(toks) - bt * len(keys)
             if n_tail < 0:

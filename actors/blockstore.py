@@ -65,7 +65,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import stat
 import threading
 import time
@@ -87,17 +86,15 @@ from actors.blockfile import (
 from actors.cachestore import (
     CORRUPT_SUFFIX,
     SUFFIX,
-    CacheStore,
-    _fsync,
-    _fsync_dir,
-    _PathEscape,
-    _pid_alive,
-    _TMP_MAX_AGE_S,
-    _TMP_RE,
+    TEMP_RE,
+    PathEscape,
     agent_for_stem,
     file_name,
+    make_dir,
+    stale_temp_file,
     validate_agent_id,
     validate_model_tag,
+    write_atomic,
 )
 from actors.diskbudget import BudgetExceeded, DiskFile, DiskIndex, removable
 
@@ -172,7 +169,7 @@ class BlockStore:
         self.pinned: Callable[[], Iterable[str]] = tuple
 
         root = Path(root).expanduser()
-        CacheStore._make_dir(root)
+        make_dir(root)
         self.root = root.resolve()
         self.dir = self._own_dir(self.root, self.model_tag)
         self._dirs = {sub: self._own_dir(self.dir, sub) for sub in (AGENTS, BLOCKS)}
@@ -206,17 +203,17 @@ class BlockStore:
     def _own_dir(parent: Path, name: str) -> Path:
         d = parent / name
         if d.is_symlink():
-            raise _PathEscape(f"cache dir {d} is a symlink")
-        CacheStore._make_dir(d)
+            raise PathEscape(f"cache dir {d} is a symlink")
+        make_dir(d)
         if d.resolve() != d:
-            raise _PathEscape(f"cache dir {d} resolves elsewhere")
+            raise PathEscape(f"cache dir {d} resolves elsewhere")
         return d
 
     def _agent_path(self, agent_id: str) -> Path:
         path = self._dirs[AGENTS] / file_name(agent_id)  # validates the id
         resolved = path.resolve()
         if resolved.parent != self._dirs[AGENTS] or resolved.name != path.name:
-            raise _PathEscape(f"cache path {path} resolves outside {self._dirs[AGENTS]}")
+            raise PathEscape(f"cache path {path} resolves outside {self._dirs[AGENTS]}")
         return path
 
     def _agent_lock(self, agent_id: str) -> threading.Lock:
@@ -297,7 +294,7 @@ class BlockStore:
             try:
                 growth = agent_bytes - (old.size if old else 0)
                 written, agent_ticket = self._store_blocks(agent_id, ordered_keys, blocks, growth)
-                size = self._write_file(self._dirs[AGENTS], path.name[: -len(SUFFIX)], arrays, meta)
+                size = self._write_file(path, arrays, meta)
                 with self._lock:
                     dropped = self._set_agent(agent_id, keys, size, time.time())
                     self.bytes_written += size
@@ -374,35 +371,17 @@ class BlockStore:
 
     def _write_segment(self, keys: list[bytes], arrays: dict[str, mx.array], meta: dict[str, str]) -> int:
         stem = hashlib.blake2b(b"".join(keys), digest_size=16).hexdigest()
-        size = self._write_file(self._dirs[BLOCKS], stem, arrays, meta)
+        size = self._write_file(self._dirs[BLOCKS] / (stem + SUFFIX), arrays, meta)
         with self._lock:
             self._add_segment(stem, tuple(keys), size, time.time())
             self.blocks_written += len(keys)
             self.bytes_written += size
         return size
 
-    def _write_file(self, d: Path, stem: str, arrays: dict[str, mx.array], meta: dict[str, str]) -> int:
-        """Temp file, fsync, rename over `<stem>.safetensors`, fsync the dir. The size."""
-        path = d / (stem + SUFFIX)
-        tmp = d / f".{stem}.{os.getpid()}-{secrets.token_hex(6)}.tmp{SUFFIX}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o600)
-                mx.save_safetensors(f, arrays, metadata=meta)
-                f.flush()
-                _fsync(f.fileno())
-                size = os.fstat(f.fileno()).st_size
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(d)
-        return size
+    @staticmethod
+    def _write_file(path: Path, arrays: dict[str, mx.array], meta: dict[str, str]) -> int:
+        """Atomically (temp file, fsync, rename, fsync the dir) write a safetensors file. The size."""
+        return write_atomic(path, lambda f: mx.save_safetensors(f, arrays, metadata=meta))
 
     # ---- load
 
@@ -413,7 +392,7 @@ class BlockStore:
         (its tail dropped; a branch left with no tokens is left out), with one warning."""
         try:
             path = self._agent_path(agent_id)
-        except _PathEscape as e:
+        except PathEscape as e:
             log.warning("ignoring KV cache of %s: %s", agent_id, e)
             return None
         with self._agent_lock(agent_id):
@@ -692,7 +671,7 @@ class BlockStore:
                 continue
             # Whole-cache files of earlier greenroom versions (and their .corrupt and temp
             # files) are junk now: never loaded, the first to go when the budget needs room.
-            legacy = entry.name.endswith((SUFFIX, CORRUPT_SUFFIX)) or _TMP_RE.match(entry.name) is not None
+            legacy = entry.name.endswith((SUFFIX, CORRUPT_SUFFIX)) or TEMP_RE.match(entry.name) is not None
             self.index.put(DiskFile(entry.name, st.st_size, st.st_mtime, junk=legacy))
         for sub, d in self._dirs.items():
             try:
@@ -714,10 +693,8 @@ class BlockStore:
 
     def _index_file(self, sub: str, name: str, path: Path, st: os.stat_result, now: float) -> None:
         index_name = f"{sub}/{name}"
-        tmp = _TMP_RE.match(name)
-        if tmp is not None:
-            pid = int(tmp.group("pid"))
-            if pid != os.getpid() and (not _pid_alive(pid) or now - st.st_mtime > _TMP_MAX_AGE_S):
+        if TEMP_RE.match(name) is not None:
+            if stale_temp_file(name, st.st_mtime, now):
                 try:
                     os.unlink(path)
                     return

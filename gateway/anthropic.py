@@ -27,7 +27,7 @@ from gateway.anthropic_translate import (
     to_chat_request,
     validation_message,
 )
-from gateway.app import SERVER, json_response
+from gateway.app import ANTHROPIC_ERROR_TYPES, SERVER, anthropic_error_body, json_response
 from gateway.turns import ClientGone, TurnRefused, open_turn
 
 log = logging.getLogger("greenroom.anthropic")
@@ -41,18 +41,6 @@ log = logging.getLogger("greenroom.anthropic")
 ACCEPT_WINDOW_S = 3.0
 PING_INTERVAL_S = 5.0
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    529: "overloaded_error",
-}
-
-
 class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -63,14 +51,9 @@ class ApiError(Exception):
 # ---------------------------------------------------------------- errors
 
 
-def error_body(status: int, message: str) -> dict:
-    kind = ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
-    return {"type": "error", "error": {"type": kind, "message": message}}
-
-
 def error_response(status: int, message: str, headers: dict | None = None) -> web.Response:
     """An error in Anthropic's shape."""
-    return json_response(error_body(status, message), status=status, headers=headers)
+    return json_response(anthropic_error_body(status, message), status=status, headers=headers)
 
 
 def refusal(exc: TurnRefused) -> tuple[int, str]:
@@ -81,7 +64,7 @@ def refusal(exc: TurnRefused) -> tuple[int, str]:
         return 400, f"prompt is too long: {rejected.prompt_tokens} tokens > {rejected.limit} maximum"
     if exc.status == 503:  # the server is busy (scheduler, memory budget)
         return 529, exc.message
-    if exc.status in ERROR_TYPES:
+    if exc.status in ANTHROPIC_ERROR_TYPES:
         return exc.status, exc.message
     return (400 if exc.status < 500 else 500), exc.message
 
@@ -166,7 +149,7 @@ def sse(events) -> bytes:
 
 
 def error_event(status: int, message: str):
-    return ("error", error_body(status, message))
+    return ("error", anthropic_error_body(status, message))
 
 
 async def _stream(request: web.Request, turn, reply: Reply) -> web.StreamResponse:

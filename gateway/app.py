@@ -167,6 +167,11 @@ ANTHROPIC_ERROR_TYPES = {
 }
 
 
+def anthropic_error_body(status: int, message: str) -> dict:
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
 def speaks_anthropic(path: str) -> bool:
     return path.startswith("/v1/messages")
 
@@ -183,8 +188,7 @@ def error_response(
     {"type": "error", "error": {"type", "message"}} under /v1/messages, OpenAI's
     {"error": {"message", "type", "param", "code"}} otherwise (and without a request)."""
     if request is not None and speaks_anthropic(request.path):
-        kind = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-        body = {"type": "error", "error": {"type": kind, "message": message}}
+        body = anthropic_error_body(status, message)
     else:
         kind = "invalid_request_error" if status < 500 else "server_error"
         body = {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -14,11 +14,21 @@ from actors import loading
 
 def write_tiny_llama(path: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
     """A random-weight Llama with the embedded model's tokenizer, as an mlx-lm folder."""
-    from mlx_lm.models import llama
-
     path.mkdir(parents=True, exist_ok=True)
     _, meta = mx.load(str(loading.embedded_gguf_path()), return_metadata=True)
     tokenizer = loading._gguf_tokenizer(meta)
+    vocab_size = len(meta["tokenizer.ggml.tokens"])
+    _write_random_llama_weights(path, seed, hidden, layers, vocab_size, tokenizer.eos_token_id)
+    tokenizer._tokenizer.save_pretrained(str(path))
+    return path
+
+
+def _write_random_llama_weights(
+    path: Path, seed: int, hidden: int, layers: int, vocab_size: int, eos_token_id: int
+) -> None:
+    """config.json and model.safetensors of a small Llama with random weights."""
+    from mlx_lm.models import llama
+
     config = {
         "model_type": "llama",
         "hidden_size": hidden,
@@ -27,17 +37,15 @@ def write_tiny_llama(path: Path, *, seed: int = 0, hidden: int = 64, layers: int
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "rms_norm_eps": 1e-5,
-        "vocab_size": len(meta["tokenizer.ggml.tokens"]),
+        "vocab_size": vocab_size,
         "tie_word_embeddings": True,
         "max_position_embeddings": 2048,
-        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": eos_token_id,
     }
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer._tokenizer.save_pretrained(str(path))
-    return path
 
 
 # Qwen3's chat template (ChatML, tools in the system turn, calls as <tool_call> JSON,
@@ -143,30 +151,13 @@ def write_tiny_qwen_tools(
     embedded vocabulary plus <tool_call>, </tool_call>, <think>, </think> as added
     tokens, and a ChatML template with tools (mlx-lm infers the json_tools parser
     and thinking from it). `chat_template` replaces Qwen3's template."""
-    from mlx_lm.models import llama
     from tokenizers import AddedToken
 
     path.mkdir(parents=True, exist_ok=True)
     _, meta = mx.load(str(loading.embedded_gguf_path()), return_metadata=True)
     tokenizer = loading._gguf_tokenizer(meta)._tokenizer
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED_TOKENS])
-    config = {
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "intermediate_size": hidden * 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": len(tokenizer),
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 2048,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    _write_random_llama_weights(path, seed, hidden, layers, len(tokenizer), tokenizer.eos_token_id)
     tokenizer.save_pretrained(str(path))
     # As Qwen's repositories ship it: the template inside tokenizer_config.json.
     (path / "chat_template.jinja").unlink(missing_ok=True)

@@ -23,7 +23,7 @@ import pytest
 import actors  # noqa: F401  (prepares MLX for the host before mlx.core is imported)
 import mlx.core as mx
 
-from actors import blockfile, blockstore
+from actors import blockfile, cachestore
 from actors.blockstore import (
     BlockStore,
     BudgetExceeded,
@@ -167,6 +167,19 @@ def test_branches_with_and_without_tails_round_trip_across_a_reopen(tmp_path, dt
     assert_same_agent(got, agent)
     assert_blocks_load(store, world, {k for b in agent.branches for k in b.block_keys})
     assert store.agents() == ["agent-1"]
+
+
+def test_strided_blocks_and_tails_are_saved_compact(store):
+    """Slices of longer buffers (as a cache's valid part is) are written as their own bytes."""
+    big = kv(3 * BT, seed=1)
+    tokens = tuple(prefix(BT + 3))
+    (key,) = keys_of(tokens)
+    block, tail = big[:, :, :, BT : 2 * BT, :], big[:, :, :, 5 : 5 + 3, :]
+    assert not memoryview(block).c_contiguous and not memoryview(tail).c_contiguous
+    agent = SavedAgent("strided", (SavedBranch(tokens, (key,), tail),))
+    store.save_agent(agent, {key: block})
+    assert_same_agent(store.load_agent("strided"), agent)
+    assert mx.array_equal(store.load_blocks([key])[key], block).item()
 
 
 def test_loaded_arrays_are_usable_on_another_thread(store, world):
@@ -358,7 +371,7 @@ def test_corrupt_agent_file_is_moved_aside_and_its_own_blocks_collected(tmp_path
     assert store.stats()["junk_files"] == 1
 
 
-@pytest.mark.parametrize("cut", [1, 7, 100, -1, -40])
+@pytest.mark.parametrize("cut", [0, 1, 7, 100, -1, -40])
 def test_truncated_agent_files_are_rejected(tmp_path, world, caplog, cut):
     path, _ = _saved(tmp_path, world)
     data = path.read_bytes()
@@ -367,6 +380,59 @@ def test_truncated_agent_files_are_rejected(tmp_path, world, caplog, cut):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert store.load_agent("victim") is None
     assert path.with_name(path.name + ".corrupt").exists() and not path.exists()
+
+
+@pytest.mark.parametrize("kind", ["agents", "blocks"])
+def test_every_sampled_bit_flip_is_rejected(tmp_path, caplog, kind):
+    """Flip one bit at many positions of the agent file or its segment, header included:
+    no flip may load (every one is caught at open, at load_agent or at load_blocks)."""
+    world = World(layers=1, heads=1, dim=2)
+    agent = world.agent("victim", prefix(BT + 3))  # one block in a segment, a 3-token tail
+    open_store(tmp_path).save_agent(agent, world.blocks)
+    tag_dir = tmp_path / "kv" / TAG
+    good = {p: p.read_bytes() for p in tag_dir.rglob("*.safetensors")}
+    (path,) = [p for p in good if p.parent.name == kind]
+    header_end = 8 + int.from_bytes(good[path][:8], "little")
+    positions = sorted(set(range(0, header_end, 3)) | set(range(header_end, len(good[path]), 5)))
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    for pos in positions:
+        for bit in (0x01, 0x80):
+            for p in tag_dir.rglob("*.corrupt"):
+                p.unlink()
+            for p, data in good.items():
+                p.write_bytes(data)
+            data = bytearray(good[path])
+            data[pos] ^= bit
+            path.write_bytes(bytes(data))
+            caplog.clear()
+            store = open_store(tmp_path)
+            got = store.load_agent("victim")
+            whole = got is not None and got.branches != () and store.load_blocks(agent.branches[0].block_keys)
+            assert not whole, f"flip of bit {bit:#x} at byte {pos} of the {kind[:-1]} file was not detected"
+            assert warnings_from(caplog)
+
+
+@pytest.mark.parametrize("edit", ["drop the checksum", "drop the tail array"])
+def test_a_file_missing_its_checksum_or_an_array_is_rejected(tmp_path, world, caplog, edit):
+    path, _ = _saved(tmp_path, world)
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    mx.eval(list(arrays.values()))
+    if edit == "drop the checksum":
+        del meta["checksum"]
+    else:
+        del arrays["b0.tail"]
+    path.unlink()
+    mx.save_safetensors(str(path), arrays, metadata=meta)
+    _rejected_at_load(tmp_path, caplog, reason="checksum")
+
+
+def test_delete_removes_the_corrupt_copy_too(tmp_path, world, caplog):
+    path, _ = _saved(tmp_path, world)
+    path.write_bytes(b"junk")
+    store = _rejected_at_load(tmp_path, caplog)
+    assert store.stats()["junk_bytes"] == 4  # the .corrupt file still counts
+    store.delete_agent("victim")
+    assert files_under(store.dir) == {} and store.stats()["used_bytes"] == 0
 
 
 def test_garbage_and_directory_in_place_of_an_agent_file_are_rejected(tmp_path, world, caplog):
@@ -687,19 +753,23 @@ def test_two_threads_saving_agents_that_share_blocks(store, world):
     assert len(names) == len(set(names)) == 8 * (4 + 2)
 
 
+def test_concurrent_saves_of_one_agent_leave_one_whole_version(store, world):
+    versions = [world.agent("busy", prefix(5 + 3 * i, start=100 * i)) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda a: store.save_agent(a, world.blocks), versions))
+    got = store.load_agent("busy")
+    (winner,) = [v for v in versions if v.branches[0].tokens == got.branches[0].tokens]
+    assert_same_agent(got, winner)
+    assert_blocks_load(store, world, winner.branches[0].block_keys)
+    assert store.agents() == ["busy"] and [p.name for p in (store.dir / "agents").iterdir()] == ["busy.safetensors"]
+    names = block_arrays_on_disk(store.dir)  # the losers' own blocks were collected
+    assert sorted(names) == sorted(k.hex() for k in winner.branches[0].block_keys)
+
+
 def test_a_save_waits_for_the_save_writing_its_blocks_instead_of_writing_them_again(store, world, monkeypatch):
     shared = prefix(16)
     first, second = world.agent("first", shared + [1] * 4), world.agent("second", shared + [2] * 4)
-    in_fsync, release = threading.Event(), threading.Event()
-    real_fsync = blockstore._fsync
-
-    def slow_first_fsync(fd):
-        if threading.current_thread().name == "first":
-            in_fsync.set()
-            release.wait(10)
-        real_fsync(fd)
-
-    monkeypatch.setattr(blockstore, "_fsync", slow_first_fsync)
+    in_fsync, release = stall_fsyncs_of_thread(monkeypatch, "first")
     t = threading.Thread(target=store.save_agent, args=(first, world.blocks), name="first")
     t.start()
     assert in_fsync.wait(10)
@@ -719,17 +789,7 @@ def test_a_save_waits_for_the_save_writing_its_blocks_instead_of_writing_them_ag
 def test_when_the_writer_of_shared_blocks_fails_the_waiting_save_writes_them(store, world, monkeypatch):
     shared = prefix(16)
     first, second = world.agent("first", shared + [1] * 4), world.agent("second", shared + [2] * 4)
-    in_fsync, release = threading.Event(), threading.Event()
-    real_fsync = blockstore._fsync
-
-    def failing_first_fsync(fd):
-        if threading.current_thread().name == "first":
-            in_fsync.set()
-            release.wait(10)
-            raise OSError(5, "I/O error")
-        real_fsync(fd)
-
-    monkeypatch.setattr(blockstore, "_fsync", failing_first_fsync)
+    in_fsync, release = stall_fsyncs_of_thread(monkeypatch, "first", then_fail=True)
     errors = []
     t = threading.Thread(target=lambda: _catch(errors, store.save_agent, first, world.blocks), name="first")
     t.start()
@@ -747,11 +807,55 @@ def test_when_the_writer_of_shared_blocks_fails_the_waiting_save_writes_them(sto
     assert not [p for p in store.dir.rglob("*") if ".tmp." in p.name]
 
 
+def stall_fsyncs_of_thread(monkeypatch, name: str, then_fail: bool = False) -> tuple[threading.Event, threading.Event]:
+    """Every fsync on the thread called `name` sets the first event and waits for the
+    second (then fails with EIO if `then_fail`); other threads' fsyncs are untouched."""
+    in_fsync, release = threading.Event(), threading.Event()
+    real_fsync = cachestore.fsync
+
+    def stalling_fsync(fd):
+        if threading.current_thread().name == name:
+            in_fsync.set()
+            release.wait(10)
+            if then_fail:
+                raise OSError(5, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(cachestore, "fsync", stalling_fsync)
+    return in_fsync, release
+
+
 def _catch(errors, fn, *args):
     try:
         fn(*args)
     except Exception as e:  # noqa: BLE001 - collected for the assertion
         errors.append(e)
+
+
+# --------------------------------------------------------------------------- atomicity
+
+
+@pytest.mark.parametrize("failing", ["blocks", "agents"])
+def test_a_failed_rename_keeps_the_old_version_and_leaves_nothing_behind(store, world, monkeypatch, failing):
+    """The new segment's rename fails, or the agent file's (its segment is then an orphan)."""
+    old = world.agent("victim", prefix(9))
+    store.save_agent(old, world.blocks)
+    before = files_under(store.dir)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).parent.name == failing and ".tmp." in Path(src).name:
+            raise OSError("simulated crash before rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"):
+        store.save_agent(world.agent("victim", prefix(9) + prefix(8, start=50)), world.blocks)
+    monkeypatch.undo()
+    assert files_under(store.dir) == before
+    assert_same_agent(store.load_agent("victim"), old)
+    assert_blocks_load(store, world, old.branches[0].block_keys)
+    assert_same_agent(open_store(store.root.parent).load_agent("victim"), old)
 
 
 # --------------------------------------------------------------------------- kill -9
@@ -763,13 +867,13 @@ _WRITER = textwrap.dedent(
     from pathlib import Path
     import actors
     import mlx.core as mx
-    from actors import blockstore, cachestore
+    from actors import cachestore
     from actors.blockstore import BlockStore, SavedAgent, SavedBranch
 
     root, version, stall_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     if stall_at:
         calls = [0]
-        real = blockstore._fsync
+        real = cachestore.fsync
 
         def stalling(fd):
             calls[0] += 1
@@ -778,7 +882,7 @@ _WRITER = textwrap.dedent(
                 threading.Event().wait(60)
             real(fd)
 
-        blockstore._fsync = cachestore._fsync = stalling
+        cachestore.fsync = stalling
     store = BlockStore(root, "tag")
     shape = (8, 2, 4, 64, 64)  # 1 MiB a block: a save of 8 new blocks takes ~20-50 ms
     shared = [bytes([1, i]) * 8 for i in range(4)]
