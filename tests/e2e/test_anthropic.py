@@ -38,13 +38,13 @@ PERSON = {
 TOO_LONG = re.compile(r"prompt is too long: (\d+) tokens > (\d+) maximum")
 
 
-@pytest.fixture(scope="module")
-
 def prompt_total(usage) -> int:
     """The whole prompt, as Anthropic reports it: the uncached part, plus what came from
     the cache, plus what was written to it (Claude Code sums them to size its context)."""
     return usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
 
+
+@pytest.fixture(scope="module")
 def client(server):
     return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=300)
 
