@@ -15,7 +15,8 @@ Contract (what a client sees):
   except: a call whose text does not parse (or has no name, or arguments that are
   not an object) is returned as content, markers included, rather than dropped, so
   the client sees what the model wrote. A call still open when the turn ends is
-  parsed as it stands (as mlx_lm.server does).
+  parsed as it stands (as mlx_lm.server does); if that fails (the turn was cut off
+  inside it), it is dropped: half a call is no use as text.
 - Feeding the text in any chunks gives the same result as feeding it at once (the
   events' texts concatenate to the same strings, the calls are the same).
 Stop strings are not handled here (actors/turn_output.py StopMatcher).
@@ -149,8 +150,13 @@ class OutputParser:
     def _close_call(self, closed: bool) -> list:
         text, self._call_text = self._call_text, ""
         calls = self._parsed(text)
+        if calls is None and not closed:
+            # Cut off (max_tokens) inside a call: half a call is neither a call nor text
+            # the client can use; the finish reason ("length") says what happened.
+            self._content.undo_cut(self._content_before_call)
+            return []
         if calls is None:
-            raw = self._start + text + (self._end if closed else "")
+            raw = self._start + text + self._end
             self._content.undo_cut(self._content_before_call)
             return self._content.add(raw)
         events = []

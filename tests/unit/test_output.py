@@ -140,7 +140,6 @@ def test_call_left_open_at_the_end_is_parsed(tok):
         "<tool_call>\n{not json}\n</tool_call>",
         '<tool_call>\n{"arguments": {"city": "Paris"}}\n</tool_call>',  # no name
         '<tool_call>\n{"name": "get_weather", "arguments": [1, 2]}\n</tool_call>',  # not an object
-        '<tool_call>\n{"name": "get_weather", "argu',  # cut off by max_tokens
     ],
 )
 def test_malformed_call_is_returned_as_text(tok, call):
@@ -150,6 +149,12 @@ def test_malformed_call_is_returned_as_text(tok, call):
     assert calls == [] and content == text
     run(p, [text])
     assert not p.has_tool_calls
+
+
+def test_a_call_cut_off_by_max_tokens_is_dropped_not_shown(tok):
+    """Half a call is no use to the client as text (Claude Code would show it)."""
+    content, _, calls = parse_all_ways(lambda: parser(tok), 'Trying. <tool_call>\n{"name": "get_weather", "argu')
+    assert (content, calls) == ("Trying. ", [])
 
 
 def test_partial_marker_at_the_end_is_text(tok):
