@@ -245,7 +245,12 @@ def chat_messages(body: CountTokensRequest) -> tuple[dict, ...]:
 
 def _tools(body: CountTokensRequest) -> tuple[Tool, ...]:
     tools = []
+    named = getattr(body.tool_choice, "name", None)
     for tool in body.tools or ():
+        if (tool.model_extra or {}).get("defer_loading") is True and tool.name != named:
+            # Deferred tools stay out of the prompt until a tool search loads them (as
+            # Anthropic does); Claude Code marks some so.
+            continue
         if tool.type not in (None, "custom") or tool.input_schema is None:
             raise BadRequest(
                 f"tool {tool.name!r} of type {tool.type!r} is not supported: greenroom serves "

@@ -187,6 +187,13 @@ def test_tools_and_tool_choice():
     assert chat.parallel_tool_calls is False
 
 
+def test_deferred_tools_stay_out_of_the_prompt_unless_named():
+    deferred = {**WEATHER, "name": "later", "defer_loading": True}
+    assert [t.name for t in chat_of(tools=[WEATHER, deferred]).tools] == ["get_weather"]
+    chat = chat_of(tools=[WEATHER, deferred], tool_choice={"type": "tool", "name": "later"})
+    assert [t.name for t in chat.tools] == ["get_weather", "later"]
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
