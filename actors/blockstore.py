@@ -584,6 +584,13 @@ class BlockStore:
     def _evict(self, victims: list[DiskFile], segments: list[str]) -> None:
         now = time.time()
         for file in victims:
+            if file.owner is None:
+                log.info("disk budget: removing %s (%d bytes)", file.name, file.size)
+            else:
+                log.info(
+                    "disk budget: evicting the saved cache of %s (%d bytes, last used %.0fs ago); "
+                    "it starts cold next time", file.owner, file.size, now - file.last_used,
+                )
             self._unlink(file.name)
             self.evictions += 1
             self.evicted_bytes += file.size
