@@ -226,6 +226,9 @@ class SessionPool:
         self._refs: dict[str, Any] = {}
         self._activating: dict[str, list] = {}  # agent id -> [lock, callers]
         self._making_room = asyncio.Lock()
+        # Set when a turn's cache was filed (or a session left): the supervisor then
+        # brings resident KV back under the budget (SupervisorActor._keep_budget).
+        self.room_wanted = asyncio.Event()
         self._ephemeral = itertools.count(1)
         self._attach(persistence)
 
@@ -293,6 +296,9 @@ class SessionPool:
         self.sessions[agent_id] = holder["actor"]
         self._refs[agent_id] = ref
         return ref
+
+    def want_room(self) -> None:
+        self.room_wanted.set()
 
     async def release(self, agent_id: str) -> None:
         """Stop the session (its on_stop saves the cache); it leaves memory."""

@@ -59,6 +59,7 @@ class SessionActor(Actor):
         scope: str = "",  # agents in one scope share cached prefixes
         persistence: Any = None,  # actors.pool.Persistence or None for ephemeral sessions
         io: Any = None,  # executor for copying KV (never the event loop)
+        on_filed: Any = None,  # called when a turn's cache is filed (the pool checks its budget)
         default_max_tokens: int = 2048,
         max_branches: int = 4,
         mailbox_size: int = 16,
@@ -69,6 +70,7 @@ class SessionActor(Actor):
         self.loaded = loaded
         self.persistence = persistence
         self.io = io
+        self.on_filed = on_filed
         self.default_max_tokens = default_max_tokens
         self.branches = Branches(prefixes, scope, max_branches)
         self.last_used = time.time()
@@ -219,8 +221,11 @@ class SessionActor(Actor):
             self._lent_tokens = len(ended.tokens)
             branch = await self.branches.from_cache(ended.cache, ended.tokens, self.io)
             self.branches.keep(branch)
+            self._lent_tokens = 0
             self._version += 1
             self._save_later()
+            if self.on_filed is not None:
+                self.on_filed()
 
     async def _submit(self, turn: Turn):
         """Hand the turn to the scheduler: (the scheduler actor that took it, None), or

@@ -156,6 +156,20 @@ class SupervisorActor(Actor):
         self.last_swap: dict | None = None
         self._swapping = False
 
+    async def on_start(self) -> None:
+        self.spawn(self._keep_budget())
+
+    async def _keep_budget(self) -> None:
+        """Hibernate idle sessions when the memory budget is exceeded, each time a turn's
+        cache has been filed (at rest: a running turn's working copy is gone by then)."""
+        while True:
+            await self.pool.room_wanted.wait()
+            self.pool.room_wanted.clear()
+            try:
+                await self.pool.make_room()
+            except Exception as exc:  # logged: the budget is enforced again at the next turn
+                log.error("keeping the memory budget failed: %s: %s", type(exc).__name__, exc)
+
     @property
     def model(self):
         return self.system.ref("model")

@@ -405,6 +405,7 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
                 io=io,
                 default_max_tokens=config.default_max_tokens,
                 max_branches=config.max_branches,
+                on_filed=pool.want_room,
             )
 
         pool = SessionPool(

@@ -133,5 +133,4 @@ async def open_turn(request: web.Request, server, chat: ChatRequest, agent_id: s
         finally:
             if ephemeral:
                 await server.pool.release(agent_id)
-            else:
-                await server.pool.make_room()
+                server.pool.want_room()  # its blocks are now an idle cache
