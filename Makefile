@@ -15,7 +15,8 @@ test: install
 	$(PY) -m pytest -q
 
 stress: install
-	$(PY) -m pytest -q -m stress
+	$(PY) -m pip install -q -e '.[stress]'
+	$(PY) -m pytest -q -s -m stress
 
 bench: install
 	$(PY) -m pip install -q -e '.[bench]'
