@@ -183,6 +183,9 @@ class SessionActor(Actor):
             turn.reject(TurnRejected(400, str(exc)))
             return
         prompt = tuple(prepared.rendered.tokens)
+        if not prompt:  # an empty completion prompt: nothing to prefill, nothing to condition on
+            turn.reject(TurnRejected(400, "the prompt is empty"))
+            return
         limit = self.loaded.context_length
         if len(prompt) >= limit:
             turn.reject(

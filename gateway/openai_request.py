@@ -382,10 +382,12 @@ def chat_request(req: m.ChatCompletionRequest, vocab_size: int | None) -> OpenAI
 
 
 def _prompt(prompt) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
     if isinstance(prompt, str):
+        if not prompt:
+            raise BadRequest("'prompt' is empty", "prompt")
         return prompt
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
     if prompt and all(isinstance(p, str) for p in prompt):
         raise BadRequest(f"'prompt' holds {len(prompt)} prompts; send one per request", "prompt")
     if not prompt:

@@ -467,3 +467,30 @@ async def test_metrics_are_prometheus_text_and_move_with_a_request(server):
     assert after["greenroom_prefill_tokens_per_second"] > 0
     assert after["greenroom_running_sequences"] == 0
     assert after["greenroom_waiting_sequences"] == 0
+
+
+async def test_unconstrained_replies_are_identical_beside_constrained_neighbours(server, alone):
+    """Four greedy prompts share the batch with four whose output follows a JSON schema
+    (a token mask per sequence inside the batched step): the unconstrained ones' replies
+    are exactly their replies alone."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}},
+              "required": ["answer", "confidence"], "additionalProperties": False}
+    constrained = {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as http:
+        before = await fetch_metrics(http, server.url)
+        replies = await asyncio.gather(
+            *(
+                chat(http, server.url, p, temperature=0, max_tokens=MAX_TOKENS, **(constrained if i % 2 else {}))
+                for i, p in enumerate(PROMPTS)
+            )
+        )
+        after = await fetch_metrics(http, server.url)
+    assert after.steps_with_at_least(len(PROMPTS)) - before.steps_with_at_least(len(PROMPTS)) > 0
+    for i, (prompt, reply) in enumerate(zip(PROMPTS, replies)):
+        if i % 2 == 0:
+            assert reply == alone[prompt], prompt
+        elif reply.finish_reason == "stop":  # a complete constrained reply parses and fits the schema
+            data = json.loads(reply.text)
+            assert set(data) == {"answer", "confidence"} and isinstance(data["answer"], str)
+        else:
+            assert reply.text.startswith("{"), reply

@@ -321,3 +321,39 @@ def test_unsupported_completion_fields_are_400s_naming_them(client, extra, param
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="default", prompt=CODE_PROMPT, max_tokens=3, **extra)
     assert info.value.param == param
+
+
+def test_a_model_with_native_tool_support_gets_its_own_format_and_parser(fresh_server, tmp_path):
+    """A tiny model folder whose chat template supports tools (Qwen-style, `<tool_call>`
+    added tokens), loaded through the real loader: the tools reach the model through
+    that template (the prompt is what the template renders with them), and its calls
+    come back through mlx-lm's parser for that format (json_tools)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from mlx_lm.tool_parsers import json_tools
+
+    from actors.messages import ChatRequest, Tool
+    from actors.prompt import render, tool_format
+    from tests.e2e.models import write_tiny_qwen_tools
+
+    folder = write_tiny_qwen_tools(tmp_path / "qwen-tools")
+    tokenizer = load_tokenizer(folder)
+    fmt = tool_format(tokenizer)
+    assert fmt.native and fmt.parse is json_tools.parse_tool_call and fmt.start == "<tool_call>"
+    srv = fresh_server("--model", str(folder))
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+        max_tokens=60, **GREEDY,
+    )
+    # With a forced call the server renders without a thinking block (the grammar
+    # starts at the first generated token).
+    expected = render(tokenizer, ChatRequest(
+        messages=tuple(ASK_WEATHER), thinking=False,
+        tools=(Tool("get_weather", WEATHER["function"]["description"], WEATHER["function"]["parameters"]),)))
+    assert reply.usage.prompt_tokens == len(expected.tokens)
+    assert "<tools>" in tokenizer.decode(list(expected.tokens))  # the template's own tools section
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])

@@ -191,21 +191,13 @@ def test_schemathesis_finds_no_5xx_no_hang_and_only_well_shaped_errors(start_ser
 # ---------------------------------------------------------------- what fuzzing found
 
 
-def is_empty_completion_prompt(path: str, body) -> bool:
-    return path == "/v1/completions" and isinstance(body, dict) and body.get("prompt") in ("", [""])
+# Server bugs the fuzzer finds and that have their own strict xfail test: fuzzing counts
+# them apart (figure `known_bugs`) so it keeps guarding everything else. None open now;
+# the empty completion prompt it found (a 500 that dropped the running batch) is fixed
+# and guarded below.
+KNOWN_BUGS: dict = {}
 
 
-# Server bugs the fuzzer finds that have their own strict xfail test below: fuzzing
-# counts them apart (figure `known_bugs`) so it keeps guarding everything else.
-KNOWN_BUGS = {"empty completion prompt -> 500": is_empty_completion_prompt}
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: POST /v1/completions with prompt '' reaches the engine with no token to prefill "
-    "(actors/engine.py _insert: EngineError 'turn N has nothing to prefill'); the model step fails, which "
-    "drops the whole batch: a 500 for it and an error for every turn running beside it",
-)
 async def test_an_empty_completion_prompt_is_a_400_and_spares_the_running_batch(start_server):
     from tests.stress.client import http_session, stream_chat, user
 

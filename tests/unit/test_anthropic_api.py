@@ -486,7 +486,7 @@ class ScriptedPool:
     async def release(self, agent_id):
         pass
 
-    async def make_room(self):
+    def want_room(self):
         pass
 
 

@@ -383,6 +383,8 @@ def test_completion_requests():
     [
         ({"prompt": ["one", "two"]}, "prompt"),
         ({"prompt": []}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [""]}, "prompt"),
         ({"prompt": [1, 2, 3]}, "prompt"),
         ({"prompt": 5}, "prompt"),
         ({"prompt": "x", "suffix": "return a"}, "suffix"),
