@@ -123,6 +123,7 @@ class Server:
             "running": status["running"],
             "waiting": status["waiting"],
             "pool": {**status["pool"], **self.disk()},
+            "memory": mlx_memory(),
         }
 
     def disk(self) -> dict:
@@ -141,6 +142,18 @@ class Server:
             "disk_junk_files": stats["junk_files"],
             "disk_evictions": stats["evictions"],
         }
+
+
+def mlx_memory() -> dict:
+    """MLX's allocator: arrays alive (weights, KV, a step's temporaries), freed buffers
+    it keeps for reuse, and the peak. Counters only."""
+    import mlx.core as mx  # here, not at the top: actors/ must load OpenBLAS before MLX
+
+    return {
+        "mlx_active_bytes": mx.get_active_memory(),
+        "mlx_cache_bytes": mx.get_cache_memory(),
+        "mlx_peak_bytes": mx.get_peak_memory(),
+    }
 
 
 SERVER = web.AppKey("server", Server)
@@ -339,6 +352,10 @@ async def metrics(request: web.Request) -> web.Response:
         registry.counter("greenroom_disk_evictions_total", "Files removed to stay under the disk budget").value = stats["evictions"]
         registry.counter("greenroom_disk_evicted_bytes_total", "Bytes removed to stay under the disk budget").value = stats["evicted_bytes"]
         registry.counter("greenroom_disk_writes_refused_total", "Cache saves that could not fit the disk budget").value = stats["refused"]
+    memory = mlx_memory()
+    registry.gauge("greenroom_mlx_active_bytes", "Bytes of live MLX arrays (weights, KV, temporaries)").set(memory["mlx_active_bytes"])
+    registry.gauge("greenroom_mlx_cache_bytes", "Freed MLX buffers kept for reuse").set(memory["mlx_cache_bytes"])
+    registry.gauge("greenroom_mlx_peak_bytes", "Peak bytes of live MLX arrays").set(memory["mlx_peak_bytes"])
     prefixes = server.pool.prefixes
     if prefixes is not None:
         registry.gauge("greenroom_shared_prefix_bytes", "KV bytes of the prefix pool (each block once)").set(prefixes.nbytes)

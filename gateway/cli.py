@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
+import os
 import re
 import signal
 import sys
@@ -197,6 +199,24 @@ async def _first_of(*coros):
     return next(iter(done)).result()
 
 
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """On glibc, cap malloc's per-thread arenas (what MALLOC_ARENA_MAX does) unless the
+    user set that. The server's I/O and tokenizer threads each get an arena by
+    default; their fragments kept RSS creeping up over thousands of requests
+    (tests/stress/test_rss.py: ~65 MB more over 1,200 short requests with the default,
+    half that capped, levelling off either way). MLX allocates its buffers itself."""
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -204,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "serve":
+        limit_malloc_arenas()
         try:
             import uvloop
 

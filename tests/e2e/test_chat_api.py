@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import threading
 import time
 
@@ -23,6 +24,13 @@ def test_health_and_models(server):
     status, models = server.get("/v1/models")
     assert status == 200
     assert [m["id"] for m in models["data"]] == ["SmolLM2-135M-Instruct"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="OpenBLAS is preloaded on Linux CPUs only")
+def test_the_server_loaded_openblas_before_mlx(server):
+    # An `import mlx` that runs before actors/ (which preloads OpenBLAS) leaves MLX on
+    # its reference BLAS: every request ~30x slower, and only this warning says why.
+    assert "CPU matmuls will be slow" not in server.log(), server.log()[-2000:]
 
 
 def test_plain_http_request_answers_with_python_code(server):
