@@ -238,7 +238,7 @@ async def memory_phase(server, model: Path, n: int, nonce: str) -> dict:
     async with C.client_session() as session:
         for a in range(n):  # one after another: every agent's turn ends before the next
             await run_agent(session, server.url, "greenroom", a, tag, 1, 16, rows, shared=True)
-    health = server.health()
+    health = _settled_health(server, n)
     tok = _tokenizer(model)
     per_token = _kv_bytes_per_token(model)
     prefix_tokens = len(tok.apply_chat_template(
@@ -254,6 +254,22 @@ async def memory_phase(server, model: Path, n: int, nonce: str) -> dict:
           f"one prefix + own suffixes {ideal / 2**20:.1f} MiB = {out['ratio']:.3f} (target <= 1.1); "
           f"unshared it would be {out['copies_if_unshared_bytes'] / 2**20:.1f} MiB", flush=True)
     return out
+
+
+def _settled_health(server, agents: int, timeout: float = 60.0) -> dict:
+    """/health once every agent's turn is filed: a reply goes out before its session
+    swaps the turn's working cache for a branch (blocks + tail) and saves it, and
+    until then that working copy counts in full."""
+    deadline = time.monotonic() + timeout
+    health = server.health()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = server.health()
+        filed = again["pool"].get("disk_agent_files", agents) >= agents
+        if filed and again["pool"]["resident_bytes"] == health["pool"]["resident_bytes"]:
+            return again
+        health = again
+    return health
 
 
 def _kv_bytes_per_token(model: Path) -> int:
@@ -393,10 +409,14 @@ def main(argv=None) -> int:
                 data[k]["stall"] = st
                 print(f"  {k:9s} stall: longest gap {C.fmt(st['longest_gap_s'], 3)}s during a "
                       f"{st['b_prefill_s']:.2f}s prefill of {st['b_prompt_tokens']} tokens", flush=True)
-        if args.shared_prefix and "greenroom" in servers:
-            out["memory"] = asyncio.run(memory_phase(servers["greenroom"], model, args.memory_agents, nonce))
         if "greenroom" in servers:
             out["greenroom_metrics"] = servers["greenroom"].metrics()
+        if args.shared_prefix and "greenroom" in servers:
+            # A server of its own: the workload's agents (whose system prompt shares
+            # most of its blocks with this one) would blur what this phase holds.
+            servers.pop("greenroom").stop()
+            servers["greenroom-memory"] = C.Server("greenroom", model, extra=extras["greenroom"]).start()
+            out["memory"] = asyncio.run(memory_phase(servers["greenroom-memory"], model, args.memory_agents, nonce))
     finally:
         for s in servers.values():
             s.stop()
