@@ -204,7 +204,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     user set that. The server's I/O and tokenizer threads each get an arena by
     default; their fragments kept RSS creeping up over thousands of requests
     (tests/stress/test_rss.py: ~65 MB more over 1,200 short requests with the default,
-    half that capped, levelling off either way). MLX allocates its buffers itself."""
+    half that capped, levelling off either way)."""
     if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
         return False
     try:
