@@ -1,0 +1,92 @@
+"""The compute floor of follow-up turns that arrive together: N agents, each with a
+`--depth`-token cache, each sending a `--suffix`-token follow-up. Measures, on the
+embedded model as greenroom loads it (float32 on the CPU, greenroom's attention):
+
+- one suffix prefilled alone,
+- the N suffixes one model call each (what greenroom's engine does today),
+- the N suffixes as one batched call over equal-depth caches (the best a batched
+  prefill could do).
+
+It explains issue 12's later-turn TTFT figures: whatever the scheduler does, N
+simultaneous follow-ups cost at least the batched figure before their first tokens.
+
+Usage: .venv/bin/python bench/bench_followup_prefill.py [--agents 5] [--depth 1900] [--suffix 29]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import actors  # noqa: E402,F401  (OpenBLAS before mlx)
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+from actors import loading  # noqa: E402
+
+
+def filled(model, depth: int, rng: random.Random) -> list:
+    cache = make_prompt_cache(model)
+    model(mx.array([[rng.randrange(1000, 20000) for _ in range(depth)]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def prefill(model, cache, rows: int, n: int) -> None:
+    out = model(mx.array([[5] * n] * rows), cache=cache)
+    mx.eval(out, [c.state for c in cache])
+    for layer in cache:
+        layer.trim(n)  # back to the same depth for the next rep
+
+
+def timed(fn, reps: int) -> float:
+    fn()  # warm-up
+    started = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - started) / reps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--agents", type=int, default=5)
+    ap.add_argument("--depth", type=int, default=1900)
+    ap.add_argument("--suffix", type=int, default=29)
+    ap.add_argument("--reps", type=int, default=3)
+    C.add_env_flags(ap)
+    args = ap.parse_args(argv)
+    C.apply_env_flags(args)
+    info = C.header()
+    loaded = loading.load(None)  # the embedded model, with greenroom's CPU attention
+    model, rng = loaded.model, random.Random(0)
+    caches = [filled(model, args.depth, rng) for _ in range(args.agents)]
+    batch = make_prompt_cache(model)
+    for i, layer in enumerate(batch):
+        layer.keys = mx.concatenate([c[i].keys[..., : args.depth, :] for c in caches], axis=0)
+        layer.values = mx.concatenate([c[i].values[..., : args.depth, :] for c in caches], axis=0)
+        layer.offset = args.depth
+    mx.eval([c.state for c in batch])
+
+    alone = timed(lambda: prefill(model, caches[0], 1, args.suffix), args.reps)
+    serial = timed(lambda: [prefill(model, c, 1, args.suffix) for c in caches], args.reps)
+    batched = timed(lambda: prefill(model, batch, args.agents, args.suffix), args.reps)
+    print(C.table(
+        [["one alone", f"{alone:.3f}"], [f"{args.agents} one after another", f"{serial:.3f}"],
+         [f"{args.agents} in one batched call", f"{batched:.3f}"]],
+        [f"{args.suffix}-token prefill at depth {args.depth}", "seconds"],
+    ))
+    print(f"batched / one after another: {batched / serial:.3f}")
+    C.write_result("followup_prefill", {**info, "args": vars(args), "alone_s": alone, "serial_s": serial,
+                                        "batched_s": batched, "batched_over_serial": batched / serial})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
