@@ -26,6 +26,19 @@ def test_health_and_models(server):
     assert [m["id"] for m in models["data"]] == ["SmolLM2-135M-Instruct"]
 
 
+def test_health_and_metrics_report_mlx_memory(server):
+    _, health = server.get("/health")
+    memory = health["memory"]
+    # Live arrays hold at least the weights (SmolLM2-135M: ~270 MB in 16 bits, ~540 MB in float32).
+    assert memory["mlx_active_bytes"] > 250e6, memory
+    assert memory["mlx_peak_bytes"] >= memory["mlx_active_bytes"] and memory["mlx_cache_bytes"] >= 0, memory
+    status, text = server.request("GET", "/metrics")
+    assert status == 200
+    gauges = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("greenroom_mlx_"))
+    assert set(gauges) == {"greenroom_mlx_active_bytes", "greenroom_mlx_cache_bytes", "greenroom_mlx_peak_bytes"}
+    assert float(gauges["greenroom_mlx_active_bytes"]) > 250e6
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="OpenBLAS is preloaded on Linux CPUs only")
 def test_the_server_loaded_openblas_before_mlx(server):
     # An `import mlx` that runs before actors/ (which preloads OpenBLAS) leaves MLX on
