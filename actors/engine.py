@@ -6,8 +6,9 @@ A step is:
 
 1. leaves: the sequence's cache goes back as it is (no copy);
 2. joins: a sequence starts from the cache it brings (or an empty one);
-3. prefill: each planned chunk is one model call on that sequence's own cache
-   (its logits are never evaluated: only the keys and values matter);
+3. prefill: the planned chunks run as few model calls as padding allows, each
+   sequence's keys and values going to its own cache (actors/ragged.py; the
+   logits are never evaluated: only the keys and values matter);
 4. decode: every sequence whose prompt is in the cache (but its last token)
    contributes one input token to one batched model call (actors/ragged.py),
    and picks its next token with its own sampling settings and grammar
@@ -29,15 +30,11 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from actors import ragged
 from actors.constraint import apply_bitmask, fill_rows
-from actors.kvblocks import KVPieces, assemble, cut
+from actors.kvblocks import DECODE_GROWTH, KVPieces, OwnKV, assemble, cut, decode_room
 from actors.loading import LoadedModel
 from actors.messages import SeqEnd, SeqInsert, StepPlan, StepResult, TokenOut, TurnStatus
 from actors.prefix_pool import BLOCK_TOKENS
 from actors.sampling import SeqSampler, make_seq_sampler, pick_tokens
-
-# KV caches grow in steps of this many tokens while decoding (mlx-lm's own step).
-DECODE_GROWTH = 256
-
 
 @dataclass(slots=True)
 class _Seq:
@@ -115,7 +112,7 @@ class BatchEngine:
             raise EngineError(f"turn {ins.turn_id} has nothing to prefill")
         self.seqs[ins.turn_id] = _Seq(
             turn_id=ins.turn_id,
-            cache=self._own_cache(ins.cache, len(ins.cached), len(ins.suffix)),
+            cache=self._own_cache(ins.cache, len(ins.cached), len(ins.suffix) + decode_room(ins.max_tokens)),
             tokens=list(ins.cached),
             pending=list(ins.suffix),
             max_tokens=ins.max_tokens,
@@ -127,11 +124,16 @@ class BatchEngine:
 
     def _own_cache(self, cache, n: int, coming: int) -> list:
         """The sequence's own KVCache per layer, holding its n cached tokens with room for
-        the `coming` prompt tokens: assembled from pool blocks and a branch's tail
-        (KVPieces), or views of a cache it brings (the first write then copies, so
-        whoever else holds those arrays never sees it change)."""
+        the `coming` ones (prompt and first generated): assembled ahead by its session
+        (OwnKV), assembled here from pool blocks and a branch's tail (KVPieces), or
+        views of a cache it brings (the first write then copies, so whoever else holds
+        those arrays never sees it change)."""
         if not cache:
             return make_prompt_cache(self.model)
+        if isinstance(cache, OwnKV):
+            if cache.tokens != n:
+                raise EngineError(f"the cache holds {cache.tokens} tokens, the turn says {n}")
+            return list(cache.caches)
         if isinstance(cache, KVPieces):
             if cache.tokens != n:
                 raise EngineError(f"the pieces hold {cache.tokens} tokens, the turn says {n}")
@@ -156,20 +158,31 @@ class BatchEngine:
     # ------------------------------------------------------------ prefill
 
     def _prefill(self, chunks: tuple[tuple[int, int], ...]) -> int:
-        states, total = [], 0
+        work, total = [], 0
         for turn_id, n in chunks:
             seq = self.seqs.get(turn_id)
             if seq is None or seq.decoding or not 0 < n < len(seq.pending):
                 raise EngineError(f"bad prefill chunk {n} for turn {turn_id}")
             chunk, seq.pending = seq.pending[:n], seq.pending[n:]
-            _reserve(seq.cache, len(chunk) + len(seq.pending))
-            self.model(mx.array([chunk]), cache=seq.cache)
+            _reserve(seq.cache, len(chunk) + len(seq.pending) + decode_room(seq.max_tokens))
+            work.append((seq, chunk))
+            total += n
+        for group in prefill_groups(work) if self.ragged else [[w] for w in work]:
+            if len(group) == 1:
+                seq, chunk = group[0]
+                self.model(mx.array([chunk]), cache=seq.cache)
+            else:  # one model call for the group (actors/ragged.py)
+                lengths = tuple(len(chunk) for _, chunk in group)
+                caches = ragged.ragged_caches([seq.cache for seq, _ in group], lengths)
+                self.model(ragged.padded_rows([chunk for _, chunk in group]), cache=caches)
+        states = []
+        for seq, chunk in work:
             seq.tokens += chunk
             if len(seq.pending) == 1:
                 seq.decoding = True
                 _reserve(seq.cache, 0)
             states += [c.state for c in seq.cache]
-            total += n
+        # The logits are never evaluated: only the keys and values matter.
         if states:
             mx.eval(states)
         return total
@@ -232,6 +245,29 @@ class BatchEngine:
             compiler = self.loaded.constraints
             self._bitmask = compiler.allocate_bitmask(max(rows, self.max_batch))
         return self._bitmask
+
+
+# Chunks prefilled in one call are padded to the longest: a group keeps at least
+# this share of its rows' positions real (a 24-token follow-up does not ride
+# with a 256-token chunk, but follow-ups of 24 to 37 tokens go together).
+MIN_GROUP_FILL = 0.75
+
+
+def prefill_groups(work: list[tuple[_Seq, list[int]]]) -> list[list[tuple[_Seq, list[int]]]]:
+    """Prefill chunks grouped for one model call each, longest first: a chunk joins
+    the current group while the group's padded rows stay MIN_GROUP_FILL real."""
+    groups: list[list] = []
+    real = 0
+    for item in sorted(work, key=lambda w: -len(w[1])):
+        if groups:
+            width = len(groups[-1][0][1])
+            if real + len(item[1]) >= MIN_GROUP_FILL * width * (len(groups[-1]) + 1):
+                groups[-1].append(item)
+                real += len(item[1])
+                continue
+        groups.append([item])
+        real = len(item[1])
+    return groups
 
 
 def _reserve(cache: list, tokens: int) -> None:

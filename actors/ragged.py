@@ -1,4 +1,4 @@
-"""A decode batch without a merged KV cache.
+"""A batch of sequences without a merged KV cache.
 
 mlx-lm batches sequences by merging their caches into one left-padded array per
 layer (BatchKVCache): every join copies everyone's KV into a new padded array,
@@ -7,10 +7,13 @@ and rolls. Measured here: 0.66 s to merge 8 x 1.5k-token caches and ~0.5 s of
 concat and roll, against ~1.7 s of real compute.
 
 Here each sequence keeps its own mlx-lm KVCache per layer for its whole turn.
-A decode step runs the model once over the batch (one token per sequence: the
-projections and MLP are one matmul with B rows), and only attention is done per
-sequence, over that sequence's own keys and values. Joining and leaving the
-batch is list bookkeeping; a turn's cache is handed back as it is.
+A step runs the model once over the batch: row i holds sequence i's `lengths[i]`
+new tokens (one when decoding, a prompt chunk when prefilling), right-padded to
+the longest row, so the projections and MLP are one matmul over every row's
+tokens. Only attention is done per sequence, over that sequence's own keys and
+values with its own causal mask; padding never reaches a cache and its outputs
+are zeros. Joining and leaving the batch is list bookkeeping; a turn's cache is
+handed back as it is.
 
 The seam is the one cpu_attention.py already uses: mlx-lm's attention layers
 call `cache.update_and_fetch(keys, values)` and then the module-level
@@ -18,7 +21,7 @@ call `cache.update_and_fetch(keys, values)` and then the module-level
 answers update_and_fetch with a RaggedKV (one array per sequence), and the
 installed attention function recognises it. RoPE gets one offset per row
 (as it does for BatchKVCache). A model whose module lacks the seam, or whose
-layers use other cache types, is decoded one sequence at a time instead
+layers use other cache types, runs sequences one at a time instead
 (`supports_ragged`).
 """
 
@@ -39,44 +42,58 @@ class RaggedKV(tuple):
 
 
 class RaggedCache:
-    """One layer's view of a decode batch: row i is sequence i's own KVCache."""
+    """One layer's view of a batch: row i is sequence i's own KVCache, taking the
+    first lengths[i] positions of the row (all of them when lengths is None)."""
 
-    def __init__(self, layers: list):
+    def __init__(self, layers: list, lengths: tuple[int, ...] | None = None):
         self.layers = layers
+        self.lengths = lengths
         self.offset = mx.array([c.offset for c in layers])
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         ks, vs = [], []
         for i, cache in enumerate(self.layers):
-            k, v = cache.update_and_fetch(keys[i : i + 1], values[i : i + 1])
+            n = keys.shape[2] if self.lengths is None else self.lengths[i]
+            k, v = cache.update_and_fetch(keys[i : i + 1, :, :n], values[i : i + 1, :, :n])
             ks.append(k)
             vs.append(v)
         return RaggedKV(ks), RaggedKV(vs)
 
     def make_mask(self, n: int, **kwargs):
-        if n != 1:
-            raise ValueError("a ragged batch decodes one token per sequence")
-        return None  # every sequence attends to all of its own keys
+        # Each row's own mask is made in the attention (its own length and offset).
+        return None if n == 1 else "causal"
 
     @property
     def state(self):
         return [c.state for c in self.layers]
 
 
-def ragged_caches(seq_caches: list[list]) -> list[RaggedCache]:
-    """Per-layer RaggedCaches over `seq_caches` (one list of layer caches per sequence)."""
-    return [RaggedCache([c[layer] for c in seq_caches]) for layer in range(len(seq_caches[0]))]
+def ragged_caches(seq_caches: list[list], lengths: tuple[int, ...] | None = None) -> list[RaggedCache]:
+    """Per-layer RaggedCaches over `seq_caches` (one list of layer caches per sequence),
+    row i bringing lengths[i] new tokens (one each when None)."""
+    return [RaggedCache([c[layer] for c in seq_caches], lengths) for layer in range(len(seq_caches[0]))]
+
+
+def padded_rows(rows: list[list[int]], pad: int = 0) -> mx.array:
+    """The model's input for rows of different lengths: right-padded to the longest."""
+    width = max(len(r) for r in rows)
+    return mx.array([list(r) + [pad] * (width - len(r)) for r in rows])
 
 
 def _make_attention(inner):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if isinstance(keys, RaggedKV):
-            outs = [
-                inner(queries[i : i + 1], k, v, cache=cache.layers[i], scale=scale, mask=None, sinks=sinks)
-                for i, (k, v) in enumerate(zip(keys, values))
-            ]
-            return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
-        return inner(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+        if not isinstance(keys, RaggedKV):
+            return inner(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+        width = queries.shape[2]
+        outs = []
+        for i, (k, v) in enumerate(zip(keys, values)):
+            n = width if cache.lengths is None else cache.lengths[i]
+            out = inner(queries[i : i + 1, :, :n], k, v, cache=cache.layers[i], scale=scale,
+                        mask="causal" if n > 1 else None, sinks=sinks)
+            if n < width:  # padding: its outputs are never read
+                out = mx.concatenate([out, mx.zeros((1, out.shape[1], width - n, out.shape[3]), out.dtype)], axis=2)
+            outs.append(out)
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
 
     scaled_dot_product_attention.greenroom_ragged = True
     return scaled_dot_product_attention

@@ -239,6 +239,12 @@ class SchedulerActor(Actor):
                 await asyncio.sleep(_MODEL_WAIT_S)
                 continue
             self.steps += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "step %d: %d joined, prefill %s, %d decoded, %d paused; %.3fs (prefill %.3fs)",
+                    self.steps, len(plan.inserts), [n for _, n in plan.prefill], result.decode_tokens,
+                    len(plan.paused), result.seconds, result.prefill_seconds,
+                )
             self._route(result)
 
     async def _clear_model(self) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 
 from actors.branches import Branches
 from actors.constraint import ConstraintError
+from actors.kvblocks import assemble_ahead, decode_room
 from actors.messages import ChatRequest, TurnRejected
 from actors.output import OutputParser
 from actors.prefix_pool import PrefixPool
@@ -133,8 +134,9 @@ class SessionActor(Actor):
     async def _save_now(self) -> bool:
         if self.persistence is None or self.saved:
             return True
-        version = self._version
+        version, began = self._version, time.perf_counter()
         if await self.persistence.save_now(self.agent_id, tuple(self.branches.items)):
+            log.debug("%s: saved in %.3fs", self.agent_id, time.perf_counter() - began)
             self._saved_version = max(self._saved_version, version)
             return True
         return False
@@ -177,6 +179,7 @@ class SessionActor(Actor):
     async def _turn(self, turn: Turn) -> None:
         if turn.finished:
             return  # the client left while the turn waited in the mailbox
+        began = time.perf_counter()
         try:
             prepared = await asyncio.to_thread(prepare_turn, self.loaded, turn.request)
         except (PromptError, ConstraintError) as exc:  # the client's messages, tools or schemas
@@ -207,10 +210,19 @@ class SessionActor(Actor):
             turn.scope = self.branches.scope
             turn.params = params
             turn.max_tokens = min(params.max_tokens or self.default_max_tokens, limit - len(prompt))
+            if start.pieces is not None:
+                # Joined into one array per layer here, on an I/O thread, rather than
+                # in the model's step, where every sequence of the batch would wait.
+                room = len(prompt) - start.cached + decode_room(turn.max_tokens)
+                turn.cache = await asyncio.get_running_loop().run_in_executor(
+                    self.io, assemble_ahead, start.pieces, room
+                )
             turn.constraint = prepared.constraint
             turn.model_name = self.loaded.name
             turn.output = TurnOutput(self.loaded.tokenizer, params.stop, prepared.parser, params.logprobs is not None)
             self._lent_tokens = len(prompt)
+            log.debug("%s: turn %d prepared in %.3fs: %d tokens, %d cached", self.agent_id, turn.id,
+                      time.perf_counter() - began, len(prompt), start.cached)
             owner, reason = await self._submit(turn)
             if owner is None:
                 turn.reject(TurnRejected(503, reason, "server_busy"))
@@ -222,7 +234,9 @@ class SessionActor(Actor):
         self.turns += 1
         if ended.cache:
             self._lent_tokens = len(ended.tokens)
+            began = time.perf_counter()
             branch = await self.branches.from_cache(ended.cache, ended.tokens, self.io)
+            log.debug("%s: turn %d filed in %.3fs", self.agent_id, turn.id, time.perf_counter() - began)
             self.branches.keep(branch)
             self._lent_tokens = 0
             self._version += 1
