@@ -30,7 +30,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from actors import ragged
 from actors.constraint import apply_bitmask, fill_rows
-from actors.kvblocks import DECODE_GROWTH, KVPieces, OwnKV, assemble, cut, decode_room
+from actors.kvblocks import DECODE_GROWTH, KVPieces, assemble, cut, decode_room
 from actors.loading import LoadedModel
 from actors.messages import SeqEnd, SeqInsert, StepPlan, StepResult, TokenOut, TurnStatus
 from actors.prefix_pool import BLOCK_TOKENS
@@ -124,16 +124,11 @@ class BatchEngine:
 
     def _own_cache(self, cache, n: int, coming: int) -> list:
         """The sequence's own KVCache per layer, holding its n cached tokens with room for
-        the `coming` ones (prompt and first generated): assembled ahead by its session
-        (OwnKV), assembled here from pool blocks and a branch's tail (KVPieces), or
-        views of a cache it brings (the first write then copies, so whoever else holds
-        those arrays never sees it change)."""
+        the `coming` ones (prompt and first generated): assembled from pool blocks and
+        a branch's tail (KVPieces), or views of a cache it brings (the first write then
+        copies, so whoever else holds those arrays never sees it change)."""
         if not cache:
             return make_prompt_cache(self.model)
-        if isinstance(cache, OwnKV):
-            if cache.tokens != n:
-                raise EngineError(f"the cache holds {cache.tokens} tokens, the turn says {n}")
-            return list(cache.caches)
         if isinstance(cache, KVPieces):
             if cache.tokens != n:
                 raise EngineError(f"the pieces hold {cache.tokens} tokens, the turn says {n}")

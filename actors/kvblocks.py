@@ -6,8 +6,7 @@ all layers: (layers, 2, kv_heads, tokens, head_dim)) plus a private tail of the
 same layout. `assemble` joins such pieces into fresh KVCaches when a turn starts
 (one copy, with room reserved for the prompt still to come); `cut` copies a
 range of a running cache back out as one such array. Both evaluate what they
-make, so the results can be used from any thread: a session assembles its
-turn's cache on an I/O thread (`assemble_ahead`) while the model runs others.
+make, so the results can be used from any thread.
 """
 
 from __future__ import annotations
@@ -38,19 +37,6 @@ def decode_room(max_tokens: int) -> int:
     """Room for a turn's first generated tokens, made with its prompt's: growing a
     cache later copies all of it (87 MB for 1,900 tokens of the embedded model)."""
     return min(max_tokens, DECODE_GROWTH)
-
-
-@dataclass(frozen=True, slots=True)
-class OwnKV:
-    """A turn's own KVCache per layer, assembled ahead of its step with room reserved
-    for its prompt and first tokens: the engine takes it as it is (no copy)."""
-
-    caches: tuple[KVCache, ...]
-    tokens: int
-
-
-def assemble_ahead(source: KVPieces, reserve: int) -> OwnKV:
-    return OwnKV(tuple(assemble(source, reserve)), source.tokens)
 
 
 def assemble(source: KVPieces, reserve: int = 0) -> list[KVCache]:

@@ -175,7 +175,7 @@ class TokenOut:
 class SeqInsert:
     turn_id: int
     suffix: tuple[int, ...]
-    cache: Any = field(compare=False)  # `cached` as kvblocks.OwnKV or KVPieces (or a KVCache list), or None
+    cache: Any = field(compare=False)  # actors.kvblocks.KVPieces of `cached` (or KVCache list), or None
     cached: tuple[int, ...]
     params: SamplingParams
     max_tokens: int

@@ -343,8 +343,8 @@ class SchedulerActor(Actor):
 
     def _prefill_chunks(self, leaving: set[int]) -> tuple[tuple[int, int], ...]:
         """How many prompt tokens each prefilling turn processes in this step: a full
-        chunk while nobody decodes; while someone does, the largest chunk whose fitted
-        cost stays within one chunk at the start of a prompt (actors/prefill_budget.py)."""
+        chunk while nobody decodes; while someone does, a bounded step's worth, shortest
+        remaining prompt first (actors/prefill_budget.py)."""
         staying = [turn for t, turn in self.running.items() if t not in leaving]
         prefilling = [turn for turn in staying if turn.remaining > 0]
         self._planned_prefill = None
@@ -352,15 +352,15 @@ class SchedulerActor(Actor):
             return ()
         decoding = any(turn.remaining == 0 for turn in staying)
         seqs = [Prefilling(turn.offset, turn.remaining) for turn in prefilling]
-        n = self.budget.tokens_per_sequence(seqs, decoding)
-        self._planned_prefill = rows_and_area(seqs, n)
+        takes = self.budget.plan(seqs, decoding)
+        self._planned_prefill = rows_and_area(seqs, takes)
         chunks = []
-        for turn in prefilling:
-            take = min(n, turn.remaining)
-            turn.remaining -= take
-            turn.offset += take
-            turn.progressed()
-            chunks.append((turn.id, take))
+        for turn, take in zip(prefilling, takes):
+            if take:
+                turn.remaining -= take
+                turn.offset += take
+                turn.progressed()
+                chunks.append((turn.id, take))
         return tuple(chunks)
 
     def _route(self, result: StepResult) -> None:

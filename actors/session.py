@@ -20,7 +20,6 @@ from typing import Any
 
 from actors.branches import Branches
 from actors.constraint import ConstraintError
-from actors.kvblocks import assemble_ahead, decode_room
 from actors.messages import ChatRequest, TurnRejected
 from actors.output import OutputParser
 from actors.prefix_pool import PrefixPool
@@ -210,13 +209,6 @@ class SessionActor(Actor):
             turn.scope = self.branches.scope
             turn.params = params
             turn.max_tokens = min(params.max_tokens or self.default_max_tokens, limit - len(prompt))
-            if start.pieces is not None:
-                # Joined into one array per layer here, on an I/O thread, rather than
-                # in the model's step, where every sequence of the batch would wait.
-                room = len(prompt) - start.cached + decode_room(turn.max_tokens)
-                turn.cache = await asyncio.get_running_loop().run_in_executor(
-                    self.io, assemble_ahead, start.pieces, room
-                )
             turn.constraint = prepared.constraint
             turn.model_name = self.loaded.name
             turn.output = TurnOutput(self.loaded.tokenizer, params.stop, prepared.parser, params.logprobs is not None)

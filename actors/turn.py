@@ -67,7 +67,7 @@ class Turn:
         # Set by the session when it submits the turn.
         self.prompt: tuple[int, ...] = ()
         self.cached: tuple[int, ...] = ()  # prompt tokens the cache it brings holds
-        self.cache: Any = None  # the cached prefix: kvblocks.OwnKV (assembled) or KVPieces; None
+        self.cache: Any = None  # actors.kvblocks.KVPieces of the cached prefix, or None
         self.pinned: tuple = ()  # the pool blocks `cache` reads (held until the turn ends)
         self.keys: list[bytes] = []  # the prompt's full-block keys (actors/prefix_pool.py)
         self.scope = ""

@@ -402,6 +402,9 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
     ]
     system = ActorSystem(children, intensity=RestartIntensity(max_restarts=3, period=60))
     io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="greenroom-io")
+    # KV copies a turn waits for (its cache joined at the start, filed at the end) get
+    # their own threads: behind the disk writes of a burst of turns they waited ~0.5 s.
+    kv_copies = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="greenroom-kv")
     async with system:
         loaded = await system.ref("model").ask(GetModel(), timeout=10)
         prefixes.reset(loaded.tag)
@@ -419,7 +422,7 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
                 # --no-shared-prefix gives every agent its own.
                 scope="" if config.shared_prefix else agent_id,
                 persistence=persistence,
-                io=io,
+                io=kv_copies,
                 default_max_tokens=config.default_max_tokens,
                 max_branches=config.max_branches,
                 on_filed=pool.want_room,
@@ -465,6 +468,7 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
             # saves its cache while the model (which evaluates them) still runs.
             await asyncio.shield(_save_everything(system, admission, pool))
     close_io(io)  # waits for the writes; frees MLX's streams on the I/O threads
+    close_io(kv_copies)
 
 
 async def _open_persistence(config: ServerConfig, tag: str, io) -> Persistence:

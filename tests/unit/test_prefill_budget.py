@@ -12,7 +12,7 @@ A, B = 2.5e-3, 3e-6  # seconds per token row and per query-key pair (the CPU's e
 def trained(chunk=256) -> PrefillBudget:
     budget = PrefillBudget(chunk)
     for offset in range(0, 4096, chunk):  # a 4k prompt prefilled in plain chunks
-        rows, area = rows_and_area([Prefilling(offset, 4096 - offset)], chunk)
+        rows, area = rows_and_area([Prefilling(offset, 4096 - offset)], [chunk])
         budget.observe(rows, area, A * rows + B * area)
     return budget
 
@@ -25,8 +25,8 @@ def test_fit_recovers_the_cost_of_weights_and_of_attention():
 
 def test_full_chunk_when_nobody_decodes_or_before_any_measurement():
     deep = [Prefilling(3900, 2000)]
-    assert trained().tokens_per_sequence(deep, decoding=False) == 256
-    assert PrefillBudget(256).tokens_per_sequence(deep, decoding=True) == 256
+    assert trained().plan(deep, decoding=False) == [256]
+    assert PrefillBudget(256).plan(deep, decoding=True) == [256]
 
 
 def test_chunk_shrinks_with_depth_so_a_step_never_costs_more_than_a_first_chunk():
@@ -35,28 +35,47 @@ def test_chunk_shrinks_with_depth_so_a_step_never_costs_more_than_a_first_chunk(
     sizes = []
     for offset in (0, 512, 1024, 2048, 3900):
         seqs = [Prefilling(offset, 5000)]
-        n = budget.tokens_per_sequence(seqs, decoding=True)
-        rows, area = rows_and_area(seqs, n)
+        [n] = budget.plan(seqs, decoding=True)
+        rows, area = rows_and_area(seqs, [n])
         assert A * rows + B * area <= first_chunk * 1.001
-        rows, area = rows_and_area(seqs, n + 1)  # and it is the largest such chunk
+        rows, area = rows_and_area(seqs, [n + 1])  # and it is the largest such chunk
         assert n == 256 or A * rows + B * area > first_chunk * 0.999
         sizes.append(n)
     assert sizes[0] == 256
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 128
 
 
-def test_several_prompts_share_one_budget_without_padding():
-    budget = trained()
-    one = budget.tokens_per_sequence([Prefilling(1000, 500)], decoding=True)
-    four = budget.tokens_per_sequence([Prefilling(1000, 500)] * 4, decoding=True)
-    assert MIN_TOKENS <= four < one
-    # Each prompt's chunk is its own model call: a short one costs only its own tokens.
-    assert rows_and_area([Prefilling(0, 10), Prefilling(0, 200)], 256)[0] == 210
+def cost(seqs, takes) -> float:
+    rows, area = rows_and_area(seqs, takes)
+    return A * rows + B * area
 
 
-def test_never_below_the_minimum_chunk():
+def test_follow_ups_go_in_whole_shortest_first_and_a_long_prompt_takes_what_is_left():
+    """While an agent decodes: a long prompt (the oldest) and four 24-token follow-ups
+    deep in their conversations. Follow-ups are never split (that costs a whole extra
+    step); as many as the step's compute allows go first."""
     budget = trained()
-    assert budget.tokens_per_sequence([Prefilling(100_000, 5000)] * 8, decoding=True) == MIN_TOKENS
+    first_chunk = A * 256 + B * 256 * 256 / 2
+    seqs = [Prefilling(3000, 2000)] + [Prefilling(1900, 24)] * 4
+    takes = budget.plan(seqs, decoding=True)
+    assert set(takes[1:]) == {0, 24}  # whole or not at all
+    whole = takes[1:].count(24)
+    assert whole >= 3
+    assert takes[0] >= MIN_TOKENS  # the oldest always progresses
+    # Within the budget, but for the oldest one's minimum.
+    assert cost(seqs[1:], takes[1:]) <= first_chunk
+    assert cost(seqs, takes) <= first_chunk + cost(seqs[:1], [MIN_TOKENS])
+    # Without the follow-ups, the long prompt has the whole step.
+    alone = budget.plan(seqs[:1], decoding=True)
+    assert alone[0] > takes[0] and cost(seqs[:1], alone) <= first_chunk * 1.001
+
+
+def test_the_oldest_prefilling_sequence_always_progresses():
+    budget = trained()
+    takes = budget.plan([Prefilling(100_000, 5000)] * 8, decoding=True)
+    assert takes == [MIN_TOKENS] + [0] * 7
+    # A short remainder that fits nowhere near the budget still goes in whole when it is the oldest.
+    assert budget.plan([Prefilling(100_000, 5)], decoding=True) == [5]
 
 
 def test_tokens_only_history_falls_back_to_a_token_budget():
@@ -65,7 +84,7 @@ def test_tokens_only_history_falls_back_to_a_token_budget():
         budget.observe(256, 0.0, 0.64)  # no attention area at all: b cannot be fitted
     a, b = budget.coefficients()
     assert (a, b) == (pytest.approx(0.0025), 0.0)
-    assert budget.tokens_per_sequence([Prefilling(3000, 1000)], decoding=True) == 256
+    assert budget.plan([Prefilling(3000, 1000)], decoding=True) == [256]
 
 
 async def test_scheduler_shrinks_a_deep_prompts_chunks_only_while_another_agent_decodes():
@@ -136,3 +155,15 @@ async def test_scheduler_shrinks_a_deep_prompts_chunks_only_while_another_agent_
     assert max(beside[-4:-1]) < 256  # deep in it, the same compute buys fewer tokens
     assert min(beside[:-1]) >= 16  # the last one is whatever remained
     assert sum(beside) == sum(alone) == 2999  # nothing skipped; the last token is the first decode input
+
+
+def test_prompts_arriving_together_share_bounded_steps_even_with_nobody_decoding():
+    """Five follow-ups at once: one step holding all of them would give each its first
+    token only at its end; bounded steps give the first ones theirs a step earlier."""
+    budget = trained()
+    first_chunk = A * 256 + B * 256 * 256 / 2
+    seqs = [Prefilling(1900, 24)] * 5
+    takes = budget.plan(seqs, decoding=False)
+    assert set(takes) == {0, 24} and takes[0] == 24  # whole or not at all, the oldest first
+    assert cost(seqs, takes) <= first_chunk
+    assert budget.plan(seqs[:1], decoding=False) == [24]  # alone it simply goes

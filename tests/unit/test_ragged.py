@@ -14,7 +14,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from actors import ragged
 from actors.engine import MIN_GROUP_FILL, BatchEngine, prefill_groups
-from actors.kvblocks import KVPieces, OwnKV, assemble_ahead, cut, decode_room
+from actors.kvblocks import KVPieces, cut
 from actors.messages import SamplingParams, SeqInsert, StepPlan
 
 
@@ -76,7 +76,7 @@ def engine_for(model):
                                        constraints=None), max_batch=8)
 
 
-def run_turns(model, turns, *, ahead: bool):
+def run_turns(model, turns):
     """Greedy tokens of `turns` ((history, suffix) pairs) started in one step."""
     engine = engine_for(model)
     inserts = []
@@ -84,8 +84,7 @@ def run_turns(model, turns, *, ahead: bool):
         cache = None
         if history:
             full = filled(model, history)
-            pieces = KVPieces(((cut(full, 0, len(history)), len(history)),))
-            cache = assemble_ahead(pieces, len(suffix) + decode_room(6)) if ahead else pieces
+            cache = KVPieces(((cut(full, 0, len(history)), len(history)),))
         inserts.append(SeqInsert(i, tuple(suffix), cache, tuple(history), SamplingParams(temperature=0.0), 6))
     prefill = tuple((i, len(s) - 1) for i, (_, s) in enumerate(turns) if len(s) > 1)
     out = {i: [] for i in range(len(turns))}
@@ -101,25 +100,25 @@ def run_turns(model, turns, *, ahead: bool):
 def test_turns_started_together_get_the_greedy_tokens_they_get_alone(model):
     turns = [(list(range(1, 50)), [60, 61, 62, 63]), ([], [7, 8, 9, 10, 11, 12]), ([3] * 20, [4, 5, 6]),
              (list(range(40, 70)), [71])]
-    together, _ = run_turns(model, turns, ahead=False)
+    together, _ = run_turns(model, turns)
     assert all(len(t) == 6 for t in together.values())
     for i, turn in enumerate(turns):
-        alone, _ = run_turns(model, [turn], ahead=False)
+        alone, _ = run_turns(model, [turn])
         assert alone[0] == together[i], i
-    # A cache the session assembled ahead gives the same tokens.
-    assert run_turns(model, turns, ahead=True)[0] == together
 
 
-def test_a_cache_assembled_ahead_is_taken_as_it_is_with_room_for_the_first_tokens(model):
+def test_a_turns_cache_has_room_for_its_prompt_and_first_tokens_from_the_start(model):
+    """Growing a cache copies all of it: the room for the prompt and the first 256
+    generated tokens is made when the turn joins."""
     history, suffix = list(range(1, 50)), [60, 61, 62]
     full = filled(model, history)
-    own = assemble_ahead(KVPieces(((cut(full, 0, len(history)), len(history)),)), len(suffix) + decode_room(300))
-    assert isinstance(own, OwnKV) and own.tokens == len(history)
     engine = engine_for(model)
-    engine.step(StepPlan(inserts=(SeqInsert(1, tuple(suffix), own, tuple(history),
-                                            SamplingParams(temperature=0.0), 300),),
+    engine.step(StepPlan(inserts=(SeqInsert(1, tuple(suffix), KVPieces(((cut(full, 0, len(history)), len(history)),)),
+                                            tuple(history), SamplingParams(temperature=0.0), 300),),
                          removes=(), prefill=((1, len(suffix) - 1),), paused=(), publish=()))
-    seq = engine.seqs[1]
-    assert all(a is b for a, b in zip(seq.cache, own.caches))  # not copied at insert
-    # The prompt and 256 generated tokens fit without the cache growing (a copy of all of it).
-    assert all(c.keys.shape[2] >= len(history) + len(suffix) + 256 for c in seq.cache)
+    first = engine.seqs[1].cache
+    assert all(c.keys.shape[2] >= len(history) + len(suffix) + 256 for c in first)
+    keys = [c.keys for c in first]
+    for _ in range(200):
+        engine.step(StepPlan(inserts=(), removes=(), prefill=(), paused=(), publish=()))
+    assert all(c.keys is k for c, k in zip(engine.seqs[1].cache, keys))  # never regrown
