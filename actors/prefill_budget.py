@@ -11,13 +11,15 @@ steps the engine has run,
 
     prefill seconds ~= a * rows + b * area,   area = sum over sequences of n * (offset + n / 2)
 
-(a: weights, per token row; b: attention, per query-key pair). A lone prompt
-with nobody decoding delays nobody: it gets a full chunk. Otherwise (somebody
-decodes, or several prompts compete) a step may cost what one `chunk`-token
-chunk costs at the start of a prompt, handed out shortest remaining prompt
-first: one step holding every prompt would give each its first token only at
-the end of the biggest step (five follow-ups arriving together: all at 2.2 s,
-against three at ~1.1 s and two at ~2 s in bounded steps). A remainder
+(a: weights, per token row; b: attention, per query-key pair). A step is
+bounded when a big one would delay somebody: another sequence decodes, or one
+of several prompts could get its first token at the end of this step (its
+remainder fits in a chunk: five follow-up turns arriving together would all
+wait for one step holding all of them). Otherwise every prompt gets a full chunk
+(several long prompts starting together: none can finish in this step, and one
+batched step is the cheapest way through). A bounded step may cost what one
+`chunk`-token chunk costs at the start of a prompt, handed out shortest
+remaining prompt first. A remainder
 that one step could take whole (a follow-up turn's short suffix) goes in whole
 or waits for the next step: splitting it would cost it a whole extra step,
 decode included. A long prompt takes what is left, in chunks of at least
@@ -81,7 +83,8 @@ class PrefillBudget:
         `decoding`: whether some other sequence decodes in it."""
         whole = [min(self.chunk, s.remaining) for s in seqs]
         fit = self.coefficients()
-        if not (decoding or len(seqs) > 1) or fit is None:
+        finishing = len(seqs) > 1 and any(s.remaining <= self.chunk for s in seqs)
+        if not (decoding or finishing) or fit is None:
             return whole
         a, b = fit
         room = a * self.chunk + b * self.chunk * self.chunk / 2

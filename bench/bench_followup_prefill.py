@@ -5,7 +5,11 @@ embedded model as greenroom loads it (float32 on the CPU, greenroom's attention)
 - one suffix prefilled alone,
 - the N suffixes one model call each (what greenroom's engine does today),
 - the N suffixes as one batched call over equal-depth caches (the best a batched
-  prefill could do).
+  prefill could do);
+- greenroom's engine step that starts the N turns (each cache assembled from
+  64-token pool blocks, the suffixes prefilled, the first token of each decoded),
+  with the prefill as one model call per sequence vs grouped into ragged calls
+  (actors/ragged.py), side by side.
 
 It explains issue 12's later-turn TTFT figures: whatever the scheduler does, N
 simultaneous follow-ups cost at least the batched figure before their first tokens.
@@ -29,7 +33,9 @@ import actors  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-from actors import loading  # noqa: E402
+from actors import engine as engine_mod, loading  # noqa: E402
+from actors.kvblocks import KVPieces, cut  # noqa: E402
+from actors.messages import SamplingParams, SeqInsert, StepPlan  # noqa: E402
 
 
 def filled(model, depth: int, rng: random.Random) -> list:
@@ -44,6 +50,23 @@ def prefill(model, cache, rows: int, n: int) -> None:
     mx.eval(out, [c.state for c in cache])
     for layer in cache:
         layer.trim(n)  # back to the same depth for the next rep
+
+
+def engine_step(loaded, pieces, suffixes, grouped: bool) -> float:
+    """Seconds of the engine step that starts one turn per (cached tokens, blocks) pair."""
+    real = engine_mod.prefill_groups
+    engine_mod.prefill_groups = real if grouped else (lambda work: [[w] for w in work])
+    try:
+        engine = engine_mod.BatchEngine(loaded, max_batch=8)
+        inserts = tuple(SeqInsert(i, suffix, blocks, tokens, SamplingParams(temperature=0.0), 2)
+                        for i, ((tokens, blocks), suffix) in enumerate(zip(pieces, suffixes)))
+        plan = StepPlan(inserts=inserts, removes=(), prefill=tuple((i, len(s) - 1) for i, s in enumerate(suffixes)),
+                        paused=(), publish=())
+        started = time.perf_counter()
+        engine.step(plan)
+        return time.perf_counter() - started
+    finally:
+        engine_mod.prefill_groups = real
 
 
 def timed(fn, reps: int) -> float:
@@ -77,14 +100,31 @@ def main(argv=None) -> int:
     alone = timed(lambda: prefill(model, caches[0], 1, args.suffix), args.reps)
     serial = timed(lambda: [prefill(model, c, 1, args.suffix) for c in caches], args.reps)
     batched = timed(lambda: prefill(model, batch, args.agents, args.suffix), args.reps)
+    # The engine's real path: caches from pool blocks, the same suffixes each rep.
+    pieces = []
+    for c in caches:
+        tokens = tuple(rng.randrange(1000, 20000) for _ in range(args.depth))
+        blocks = tuple((cut(c, at, min(at + 64, args.depth)), min(64, args.depth - at)) for at in range(0, args.depth, 64))
+        pieces.append((tokens, KVPieces(blocks)))
+    suffixes = [tuple(rng.randrange(1000, 20000) for _ in range(args.suffix)) for _ in caches]
+    steps = {False: [], True: []}
+    for _ in range(args.reps + 1):  # alternated, the first pair a warm-up
+        for grouped in (False, True):
+            steps[grouped].append(engine_step(loaded, pieces, suffixes, grouped))
+    per_call, grouped = (min(steps[g][1:]) for g in (False, True))
     print(C.table(
         [["one alone", f"{alone:.3f}"], [f"{args.agents} one after another", f"{serial:.3f}"],
-         [f"{args.agents} in one batched call", f"{batched:.3f}"]],
+         [f"{args.agents} in one batched call", f"{batched:.3f}"],
+         [f"engine step starting {args.agents} turns, one prefill call each", f"{per_call:.3f}"],
+         [f"engine step starting {args.agents} turns, grouped prefill", f"{grouped:.3f}"]],
         [f"{args.suffix}-token prefill at depth {args.depth}", "seconds"],
     ))
     print(f"batched / one after another: {batched / serial:.3f}")
+    print(f"engine step, grouped / one call each: {grouped / per_call:.3f}")
     C.write_result("followup_prefill", {**info, "args": vars(args), "alone_s": alone, "serial_s": serial,
-                                        "batched_s": batched, "batched_over_serial": batched / serial})
+                                        "batched_s": batched, "batched_over_serial": batched / serial,
+                                        "engine_step_per_call_s": per_call, "engine_step_grouped_s": grouped,
+                                        "engine_grouped_over_per_call": grouped / per_call})
     return 0
 
 

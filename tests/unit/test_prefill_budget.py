@@ -167,3 +167,5 @@ def test_prompts_arriving_together_share_bounded_steps_even_with_nobody_decoding
     assert set(takes) == {0, 24} and takes[0] == 24  # whole or not at all, the oldest first
     assert cost(seqs, takes) <= first_chunk
     assert budget.plan(seqs[:1], decoding=False) == [24]  # alone it simply goes
+    # Long prompts starting together (none can finish in this step): one batched step.
+    assert budget.plan([Prefilling(0, 1400)] * 5, decoding=False) == [256] * 5
