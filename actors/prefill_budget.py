@@ -19,12 +19,11 @@ wait for one step holding all of them). Otherwise every prompt gets a full chunk
 (several long prompts starting together: none can finish in this step, and one
 batched step is the cheapest way through). A bounded step may cost what one
 `chunk`-token chunk costs at the start of a prompt, handed out shortest
-remaining prompt first. A remainder
-that one step could take whole (a follow-up turn's short suffix) goes in whole
-or waits for the next step: splitting it would cost it a whole extra step,
-decode included. A long prompt takes what is left, in chunks of at least
-MIN_TOKENS. The oldest prefilling sequence always progresses: nobody waits
-forever behind newer arrivals.
+remaining prompt first. A remainder that one step could take whole (a follow-up
+turn's short suffix) goes in whole or waits for the next step: splitting it
+would cost it a whole extra step, decode included. A long prompt takes what is
+left, in chunks of at least MIN_TOKENS. The oldest prefilling sequence always
+progresses: nobody waits forever behind newer arrivals.
 """
 
 from __future__ import annotations
@@ -87,12 +86,12 @@ class PrefillBudget:
         if not (decoding or finishing) or fit is None:
             return whole
         a, b = fit
-        room = a * self.chunk + b * self.chunk * self.chunk / 2
+        limit = a * self.chunk + b * self.chunk * self.chunk / 2
 
         def cost(s: Prefilling, n: int) -> float:
             return a * n + b * n * (s.offset + n / 2)
 
-        limit = room
+        room = limit
         takes = [0] * len(seqs)
         for i in sorted(range(len(seqs)), key=lambda i: seqs[i].remaining):
             s = seqs[i]

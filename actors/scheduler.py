@@ -342,9 +342,9 @@ class SchedulerActor(Actor):
         return tuple(out)
 
     def _prefill_chunks(self, leaving: set[int]) -> tuple[tuple[int, int], ...]:
-        """How many prompt tokens each prefilling turn processes in this step: a full
-        chunk while nobody decodes; while someone does, a bounded step's worth, shortest
-        remaining prompt first (actors/prefill_budget.py)."""
+        """How many prompt tokens each prefilling turn processes in this step: full
+        chunks unless a big step would delay somebody, else a bounded step's worth,
+        shortest remaining prompt first (actors/prefill_budget.py)."""
         staying = [turn for t, turn in self.running.items() if t not in leaving]
         prefilling = [turn for turn in staying if turn.remaining > 0]
         self._planned_prefill = None
