@@ -19,10 +19,18 @@ pytestmark = pytest.mark.e2e
 def test_restarting_the_scheduler_with_turns_queued_ends_every_turn(fresh_server):
     srv = fresh_server("--max-batch", "1")
     streams = [Stream(srv, STORY, agent=f"queued-{i}", temperature=0, max_tokens=400) for i in range(3)]
-    for s in streams:
-        s.start()
+    # The first one takes the one batch slot before the others arrive (started together,
+    # any of them could, and the test then waited for whole 400-token replies first).
+    streams[0].start()
     assert streams[0].first_token.wait(120)
-    time.sleep(0.5)  # the other two wait for the one batch slot
+    for s in streams[1:]:
+        s.start()
+    for _ in range(100):  # the other two wait for the one batch slot
+        if srv.get("/health")[1]["waiting"] == 2:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the other two turns never queued")
     assert control(srv, "restart", actor="scheduler")["ok"]
     for s in streams:
         s.join(60)
