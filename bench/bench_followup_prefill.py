@@ -3,7 +3,7 @@
 embedded model as greenroom loads it (float32 on the CPU, greenroom's attention):
 
 - one suffix prefilled alone,
-- the N suffixes one model call each (what greenroom's engine does today),
+- the N suffixes one model call each,
 - the N suffixes as one batched call over equal-depth caches (the best a batched
   prefill could do);
 - greenroom's engine step that starts the N turns (each cache assembled from
@@ -11,8 +11,9 @@ embedded model as greenroom loads it (float32 on the CPU, greenroom's attention)
   with the prefill as one model call per sequence vs grouped into ragged calls
   (actors/ragged.py), side by side.
 
-It explains issue 12's later-turn TTFT figures: whatever the scheduler does, N
-simultaneous follow-ups cost at least the batched figure before their first tokens.
+Whatever the scheduler does, N simultaneous follow-ups cost at least the batched
+figure before the last of their first tokens; bounded steps (actors/prefill_budget.py)
+let the first of them start after a fraction of it.
 
 Usage: .venv/bin/python bench/bench_followup_prefill.py [--agents 5] [--depth 1900] [--suffix 29]
 """
