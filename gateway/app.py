@@ -402,8 +402,9 @@ async def _lifecycle(app: web.Application, config: ServerConfig):
     ]
     system = ActorSystem(children, intensity=RestartIntensity(max_restarts=3, period=60))
     io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="greenroom-io")
-    # KV copies a turn waits for (its cache joined at the start, filed at the end) get
-    # their own threads: behind the disk writes of a burst of turns they waited ~0.5 s.
+    # The KV copies an agent's next turn waits for (filing the last turn's cache into
+    # blocks) get their own threads: a burst of saves (0.25-0.4 s each, fsync) would
+    # otherwise hold both I/O threads.
     kv_copies = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="greenroom-kv")
     async with system:
         loaded = await system.ref("model").ask(GetModel(), timeout=10)
