@@ -80,6 +80,8 @@ class PrefillBudget:
     def plan(self, seqs: list[Prefilling], decoding: bool) -> list[int]:
         """Prompt tokens each prefilling sequence (oldest first) gets in the next step,
         `decoding`: whether some other sequence decodes in it."""
+        if not seqs:
+            return []
         whole = [min(self.chunk, s.remaining) for s in seqs]
         fit = self.coefficients()
         finishing = len(seqs) > 1 and any(s.remaining <= self.chunk for s in seqs)

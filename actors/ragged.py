@@ -91,7 +91,7 @@ def _make_attention(inner):
             out = inner(queries[i : i + 1, :, :n], k, v, cache=cache.layers[i], scale=scale,
                         mask="causal" if n > 1 else None, sinks=sinks)
             if n < width:  # padding: its outputs are never read
-                out = mx.concatenate([out, mx.zeros((1, out.shape[1], width - n, out.shape[3]), out.dtype)], axis=2)
+                out = mx.pad(out, [(0, 0), (0, 0), (0, width - n), (0, 0)])
             outs.append(out)
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
 

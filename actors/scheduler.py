@@ -3,7 +3,7 @@
 Sessions submit Turns (actors/turn.py); the scheduler holds each one from then
 until it ends: a FIFO of waiting turns and a set of running ones. Its step loop
 builds one StepPlan per tick (cancelled turns leave, waiting turns join up to
-`max_batch`, each prefilling turn gets a chunk sized by the prefill budget,
+`max_batch`, prefilling turns get chunks planned by the prefill budget,
 turns whose client reads too slowly are paused), asks the model actor to execute
 it, and hands each generated token to its turn. Joins and leaves only happen
 between steps; one agent's long prompt costs the others about one chunk of

@@ -169,3 +169,7 @@ def test_prompts_arriving_together_share_bounded_steps_even_with_nobody_decoding
     assert budget.plan(seqs[:1], decoding=False) == [24]  # alone it simply goes
     # Long prompts starting together (none can finish in this step): one batched step.
     assert budget.plan([Prefilling(0, 1400)] * 5, decoding=False) == [256] * 5
+
+
+def test_nothing_to_prefill_plans_nothing():
+    assert trained().plan([], decoding=True) == []
