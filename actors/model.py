@@ -71,7 +71,8 @@ class ModelActor(Actor):
         # left to process exit they abort it now and then (mlx#3126, "terminate called
         # without an active exception"). Queued behind a step in flight, so bounded.
         try:
-            await asyncio.wait_for(self._on_thread(mx.clear_streams), 5)
+            async with asyncio.timeout(5):
+                await self._on_thread(mx.clear_streams)
         except Exception as exc:
             log.warning("could not free the model thread's MLX streams: %s: %s", type(exc).__name__, exc)
         # The thread is not reused after this.

@@ -210,6 +210,7 @@ class SchedulerActor(Actor):
 
     async def _step_loop(self) -> None:
         while True:
+            _still_cancellable()  # a stop's cancel swallowed by an await below ends the loop here
             self._sweep_waiting()
             if not self._has_work():
                 self._wakeup.clear()
@@ -407,9 +408,9 @@ def _common(a: list, b: list, limit: int) -> int:
 
 
 def _still_cancellable() -> None:
-    """Re-raise a cancellation that a timeout swallowed (asyncio.wait_for in Python 3.11
-    can turn a cancel that races its timeout into TimeoutError): the step loop must
-    stop when its actor stops, not serve on."""
+    """Re-raise a cancellation that an await swallowed (asyncio.wait_for in Python 3.11
+    can turn a cancel that races its timeout into TimeoutError, or into the result of
+    what it waited for): the step loop must stop when its actor stops, not serve on."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError()

@@ -259,7 +259,8 @@ class SessionActor(Actor):
         die without doing so, the turn is failed here, so nothing waits forever."""
         while True:
             try:
-                return await asyncio.wait_for(turn.wait_ended(), OWNER_CHECK_S)
+                async with asyncio.timeout(OWNER_CHECK_S):
+                    return await turn.wait_ended()
             except TimeoutError:
                 if not owner.alive:
                     turn.fail("the scheduler stopped mid-turn; retry the request")

@@ -52,7 +52,8 @@ class Admission:
             if timeout is not None and self.hold_until is not None:
                 timeout = max(timeout, self.hold_until - asyncio.get_running_loop().time())
             try:
-                await asyncio.wait_for(self.open.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.open.wait()
             except TimeoutError:
                 yield False
                 return
@@ -67,7 +68,8 @@ class Admission:
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
             return True
         except TimeoutError:
             return False

@@ -216,7 +216,8 @@ class Turn:
         if not self._outbox:
             self._readable.clear()
             try:
-                await asyncio.wait_for(self._readable.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._readable.wait()
             except TimeoutError:
                 return []
         events = list(self._outbox)

@@ -487,6 +487,7 @@ async def _save_everything(system: ActorSystem, admission: Admission, pool: Sess
             await system.ref("scheduler").ask(AbortAll("the server is shutting down"), timeout=5)
         await admission.wait_idle(10)
     try:
-        await asyncio.wait_for(pool.save_all(), timeout=120)
+        async with asyncio.timeout(120):
+            await pool.save_all()
     except Exception as exc:
         log.error("saving caches at shutdown failed: %s: %s", type(exc).__name__, exc)

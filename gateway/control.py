@@ -125,7 +125,8 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+                async with asyncio.timeout(5):
+                    await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -158,7 +159,8 @@ class ControlServer:
         try:
             result = await self.supervisor.ask(command, timeout=ASK_TIMEOUT)
             if isinstance(result, asyncio.Future):  # a swap: wait for it outside the actor
-                result = await asyncio.wait_for(asyncio.shield(result), SWAP_DEADLINE_S + command.drain_timeout)
+                async with asyncio.timeout(SWAP_DEADLINE_S + command.drain_timeout):
+                    result = await asyncio.shield(result)
         except CommandError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:

@@ -30,6 +30,8 @@ __all__ = ["Actor", "ActorError", "ActorStopped", "AskTimeout", "MailboxFull"]
 
 log = logging.getLogger(__name__)
 
+RECANCEL_S = 0.5  # while stopping, how often a spawned task that went on is cancelled again
+
 
 @dataclass(frozen=True, slots=True)
 class _Envelope:
@@ -64,6 +66,7 @@ class Actor:
         self._on_start_done = False
         self._start_over = asyncio.Event()  # on_start completed, or run() ended without it
         self._ended = asyncio.Event()
+        self._recancels = 0  # cancel rounds sent to the spawned tasks while stopping
 
     # -- hooks ----------------------------------------------------------------
 
@@ -224,8 +227,23 @@ class Actor:
     def _wind_down(self) -> None:
         self._state = _State.STOPPING
         self._closed = True
-        for task in list(self._spawned):
-            task.cancel()  # the TaskGroup then waits for them to unwind
+        self._cancel_spawned()
+
+    def _cancel_spawned(self) -> None:
+        """Cancel the tasks still running (the TaskGroup waits for them to unwind), and
+        again every RECANCEL_S while one lingers: a cancel can be swallowed (Python
+        3.11's asyncio.wait_for returns the result of an awaitable that completed as
+        the cancel came in), and a task that goes on would keep the actor from ever
+        stopping."""
+        lingering = [task for task in self._spawned if not task.done()]
+        if not lingering:
+            return
+        if self._recancels:
+            log.warning("actor %r: %d task(s) went on after a cancel; cancelling again", self.name, len(lingering))
+        self._recancels += 1
+        for task in lingering:
+            task.cancel()
+        asyncio.get_running_loop().call_later(RECANCEL_S, self._cancel_spawned)
 
     def _fail_pending(self, error: BaseException | None) -> None:
         pending = list(self._mailbox)

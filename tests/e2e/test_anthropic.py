@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "claude-sonnet-4-5"  # any name is served by the loaded model and echoed back
+MODEL = "claude-sonnet-5"  # any name is served by the loaded model and echoed back
 # The current SDK has no temperature; older clients send it. Greedy makes replies comparable.
 GREEDY = {"temperature": 0}
 REVERSE = [{"role": "user", "content": "Write a Python function that reverses a string."}]

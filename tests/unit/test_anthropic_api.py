@@ -48,7 +48,7 @@ WEATHER = {
 
 
 def chat_of(**fields):
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [USER], **fields}
+    body = {"model": "claude-sonnet-5", "max_tokens": 100, "messages": [USER], **fields}
     return to_chat_request(MessagesRequest.model_validate(body))
 
 
@@ -340,7 +340,7 @@ def test_an_invalid_explicit_agent_id_is_a_400():
 
 
 def run_reply(events, finished):
-    reply = Reply("claude-sonnet-4-5")
+    reply = Reply("claude-sonnet-5")
     stream = reply.start()
     for event in events:
         stream += reply.feed(event)
@@ -393,7 +393,7 @@ def test_text_reply_body_and_stream():
     body, stream = run_reply([TextDelta("Hel"), TextDelta(""), TextDelta("lo")], done())
     assert body["content"] == [{"type": "text", "text": "Hello"}]
     assert body["stop_reason"] == "end_turn" and body["stop_sequence"] is None
-    assert body["model"] == "claude-sonnet-4-5"
+    assert body["model"] == "claude-sonnet-5"
     assert re.fullmatch(r"msg_\w{24,}", body["id"])
     # Anthropic's meaning: input_tokens is the part of the 120-token prompt not read from the cache.
     assert body["usage"] == {

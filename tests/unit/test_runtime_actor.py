@@ -224,6 +224,34 @@ async def test_spawned_task_is_cancelled_when_the_actor_stops(running):
     assert actor.events == ["start", "stop, ticker done=True"]  # tasks go before on_stop
 
 
+async def test_a_task_that_swallows_its_cancel_is_cancelled_again_and_the_actor_stops(running):
+    # Python 3.11's asyncio.wait_for returns the result of an awaitable that completed
+    # as the cancel came in, so a loop built on it goes on as if never cancelled.
+    cancels = []
+
+    class Stubborn(Probe):
+        async def on_start(self) -> None:
+            await super().on_start()
+            self.spawn(self.loop())
+
+        async def loop(self) -> None:
+            while True:
+                try:
+                    await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    cancels.append(len(cancels))
+                    if len(cancels) == 1:
+                        continue  # swallowed once, as wait_for can
+                    raise
+
+    actor = Stubborn()
+    task = running(actor)
+    await actor.wait_started()
+    actor.stop()
+    await asyncio.wait_for(task, 3)
+    assert cancels == [0, 1] and actor.events == ["start", "stop"]
+
+
 async def test_spawned_task_error_crashes_the_actor(running):
     class Fragile(Probe):
         async def handle(self, message):
