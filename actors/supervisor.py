@@ -304,9 +304,10 @@ class SupervisorActor(Actor):
                 await self.scheduler.ask(SetAdmission(True), timeout=5)
             except Exception as exc:  # a restarting scheduler starts admitting anyway
                 log.warning("could not reopen the scheduler's admission: %s: %s", type(exc).__name__, exc)
-            self.last_swap = result
-            if not done.done():
-                done.set_result(result)
+            finally:  # even when the supervisor stops (cancels) during that ask
+                self.last_swap = result
+                if not done.done():
+                    done.set_result(result)
 
     async def _swap(self, swap: Swap) -> dict:
         old = self.pool.loaded
